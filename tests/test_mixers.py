@@ -13,7 +13,7 @@ from ssmify.mixers import DiscreteMamba2, DiscreteMamba2Config, Mamba2, Mamba2Co
 D_MODEL, HEADS, HEAD_DIM, D_STATE, GROUPS = 24, 4, 6, 5, 2
 
 
-def make_mixer(kind: str, chunk_size: int = 8, bias: bool = True, bc_norm: bool = False, seed: int = 0):
+def make_mixer(kind: str, chunk_size: int = 8, bias: bool = True, bc_norm: str | None = None, seed: int = 0):
     """A mixer with every parameter random (not its initial values), so that no term hides."""
     torch.manual_seed(seed)
     sizes = dict(
@@ -60,9 +60,12 @@ def naive_forward(mixer, u: torch.Tensor) -> torch.Tensor:
     x = x.reshape(b, L, c.n_heads, c.head_dim)
     Bm = Bm.reshape(b, L, c.n_groups, c.d_state)
     Cm = Cm.reshape(b, L, c.n_groups, c.d_state)
-    if c.bc_norm:
+    if c.bc_norm == "rms":
         Bm = Bm * torch.rsqrt(Bm.pow(2).mean(-1, keepdim=True) + c.bc_norm_eps) * mixer.B_norm.weight
         Cm = Cm * torch.rsqrt(Cm.pow(2).mean(-1, keepdim=True) + c.bc_norm_eps) * mixer.C_norm.weight
+    elif c.bc_norm == "layer":
+        Bm = F.layer_norm(Bm, (c.d_state,), mixer.B_norm.weight, mixer.B_norm.bias, c.bc_norm_eps)
+        Cm = F.layer_norm(Cm, (c.d_state,), mixer.C_norm.weight, mixer.C_norm.bias, c.bc_norm_eps)
     heads_per_group = c.n_heads // c.n_groups
     ys = []
     state = u.new_zeros(b, c.n_heads, c.head_dim, c.d_state)
@@ -97,7 +100,8 @@ KINDS = ["mamba2", "discrete_mamba2"]
 @pytest.mark.parametrize("chunk_size", [8, 64])
 @pytest.mark.parametrize("L", [1, 7, 64, 129])
 def test_chunked_forward_and_gradients_equal_naive_recurrence(kind, chunk_size, L):
-    mixer = make_mixer(kind, chunk_size, bias=(L % 2 == 1), bc_norm=(L == 7)).float()
+    bc_norm = {7: "rms", 64: "layer"}.get(L)
+    mixer = make_mixer(kind, chunk_size, bias=(L % 2 == 1), bc_norm=bc_norm).float()
     u = torch.randn(2, L, D_MODEL, requires_grad=True)
     probe = torch.randn(2, L, D_MODEL)
 

@@ -24,6 +24,15 @@ def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def bc_norms(kind: str, d_state: int, eps: float) -> tuple[nn.Module, nn.Module]:
+    """The B and C norms: "rms" (as Qwen3's q/k norms) or "layer" (LayerNorm with bias, as Phi's)."""
+    if kind == "rms":
+        return nn.RMSNorm(d_state, eps=eps), nn.RMSNorm(d_state, eps=eps)
+    if kind == "layer":
+        return nn.LayerNorm(d_state, eps=eps), nn.LayerNorm(d_state, eps=eps)
+    raise ValueError(f"bc_norm must be 'rms', 'layer' or None, not {kind!r}")
+
+
 class SSDMixer(nn.Module):
     """Base class. Subclasses set `config` (with n_heads, head_dim, n_groups, d_state, d_conv,
     chunk_size, bc_norm), `inner`, `conv_dim`, `conv1d`, `D`, `conv_activation`, and B_norm/C_norm

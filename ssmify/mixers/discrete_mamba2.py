@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmify.mixers.base import SSDMixer, fp32_or_wider
+from ssmify.mixers.base import SSDMixer, bc_norms, fp32_or_wider
 
 
 @dataclass
@@ -31,7 +31,7 @@ class DiscreteMamba2Config:
     chunk_size: int = 64
     bias: bool = False  # in_proj and out_proj; without it, the gate has its own z_bias
     conv_bias: bool = True
-    bc_norm: bool = False
+    bc_norm: str | None = None  # "rms" or "layer": a norm on each group of B and C (a teacher's k/q norms)
     bc_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -62,8 +62,7 @@ class DiscreteMamba2(SSDMixer):
             bias=c.conv_bias,
         )
         if c.bc_norm:
-            self.B_norm = nn.RMSNorm(c.d_state, eps=c.bc_norm_eps)
-            self.C_norm = nn.RMSNorm(c.d_state, eps=c.bc_norm_eps)
+            self.B_norm, self.C_norm = bc_norms(c.bc_norm, c.d_state, c.bc_norm_eps)
         self.D = nn.Parameter(torch.ones(c.n_heads))
         self.out_proj = nn.Linear(self.inner, c.d_model, bias=c.bias)
 

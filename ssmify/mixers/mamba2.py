@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmify.mixers.base import SSDMixer, fp32_or_wider
+from ssmify.mixers.base import SSDMixer, bc_norms, fp32_or_wider
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Mamba2Config:
     bias: bool = False  # in_proj and out_proj, as transformers' `use_bias`
     conv_bias: bool = True
     norm_eps: float = 1e-5
-    bc_norm: bool = False  # per-group RMSNorm on B and C (seeded from a teacher's k/q norms)
+    bc_norm: str | None = None  # "rms" or "layer": a norm on each group of B and C (a teacher's k/q norms)
     bc_norm_eps: float = 1e-6
     dt_min: float = 1e-3
     dt_max: float = 0.1
@@ -87,8 +87,7 @@ class Mamba2(SSDMixer):
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.n_heads))
         if c.bc_norm:
-            self.B_norm = nn.RMSNorm(c.d_state, eps=c.bc_norm_eps)
-            self.C_norm = nn.RMSNorm(c.d_state, eps=c.bc_norm_eps)
+            self.B_norm, self.C_norm = bc_norms(c.bc_norm, c.d_state, c.bc_norm_eps)
         self.norm = GatedRMSNorm(self.inner, self.inner // c.n_groups, c.norm_eps)
         self.out_proj = nn.Linear(self.inner, c.d_model, bias=c.bias)
         self.reset_ssm_parameters()

@@ -1,0 +1,68 @@
+"""`ssmify convert TEACHER --out DIR ...`"""
+
+from __future__ import annotations
+
+import argparse
+
+from ssmify.errors import SsmifyError
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices like 3,7,11, got {text!r}"
+        ) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="turn a transformer into a seeded SSM or hybrid student",
+        description="Replace attention layers of a Hugging Face causal LM by Mamba mixers seeded from their weights.",
+    )
+    p.add_argument("teacher", help="local HF folder, hub id, or .gguf file")
+    p.add_argument("--out", required=True, help="output folder for the student")
+    p.add_argument("--mixer", default="mamba2", help="mamba2 (default) or discrete_mamba2")
+    plan = p.add_mutually_exclusive_group()
+    plan.add_argument("--attention-layers", type=_layer_list, help="layers that keep attention, e.g. 3,7,11")
+    plan.add_argument(
+        "--keep-attention",
+        type=float,
+        help="fraction of layers that keep attention, spread evenly (0 = pure SSM)",
+    )
+    p.add_argument("--init", default="seeded", help="seeded (from attention, default) or random")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the saved weights")
+    p.add_argument("--calibration-text", default=None, help="text file for calibration (default: built in)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the teacher's own modeling code")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ssmify.convert import convert
+
+    student = convert(
+        args.teacher,
+        out=args.out,
+        mixer=args.mixer,
+        attention_layers=args.attention_layers,
+        keep_attention=args.keep_attention,
+        init=args.init,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+        calibration_text=args.calibration_text,
+    )
+    report = student.convert_report
+    if report is None:
+        raise SsmifyError("conversion produced no report")
+    print(
+        f"{args.out}: {report['family']} -> {report['mixer']} ({report['init']}), "
+        f"attention kept in {len(report['attention_layers'])} of "
+        f"{len(report['attention_layers']) + len(report['converted_layers'])} layers; "
+        f"perplexity before training {report['student_perplexity']:.2f} "
+        f"(teacher {report['teacher_perplexity']:.2f}); {report['seconds']:.1f} s"
+    )
+    return 0

@@ -1,0 +1,155 @@
+"""Seeding a mixer from the teacher's attention, and calibrating its output scale.
+
+Per head: C <- W_Q, B <- W_K, x <- W_V (key/value heads repeated under GQA), out_proj <- W_O,
+with d_state = head_dim and one B/C group per head. With decay 1 and the conv and gate out of the
+way, the mixer is then causal linear attention with the teacher's projections:
+y_t = sum_{s<=t} (q_t . k_s) v_s. The teacher's q/k norms (Qwen3, Phi) become the B/C norms.
+
+What attention lacks starts as a no-op or at the usual values: conv1d is the identity (last tap 1),
+the gate passes through (z weights 0, z bias with silu(bias) = 1), dt does not depend on the input
+(dt weights 0) and its bias, A and D get the usual Mamba-2 initialisation.
+
+Linear attention has no softmax denominator, so its output scale is far from the teacher's.
+`calibrate_mixer` measures, on calibration text, each head's output RMS in teacher and student and
+rescales the student head: the gated-norm gain for mamba2, the constant gate silu(z bias) for
+discrete_mamba2 (which has no norm). out_proj stays W_O in both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ssmify.convert.adapters import AttentionWeights
+from ssmify.mixers import DiscreteMamba2, Mamba2, SSDMixer
+
+SILU_ONE = 1.2784645427610738  # silu(SILU_ONE) == 1: a pass-through gate
+
+
+def mixer_settings(mixer: str, weights: AttentionWeights, chunk_size: int = 64) -> dict:
+    """The mixer config that can hold one teacher attention layer exactly (bias on: the gate needs it)."""
+    return {
+        "d_model": weights.hidden_size,
+        "n_heads": weights.num_heads,
+        "head_dim": weights.head_dim,
+        "d_state": weights.head_dim,
+        "n_groups": weights.num_heads,
+        "chunk_size": chunk_size,
+        "bias": True,
+        "bc_norm": weights.qk_norm,
+        "bc_norm_eps": weights.qk_norm_eps if weights.qk_norm else 1e-6,
+    }
+
+
+def _per_head(weights: AttentionWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """q, k, v as (H*d, D) rows per query head, with key/value heads repeated under GQA."""
+    H, d, D = weights.num_heads, weights.head_dim, weights.hidden_size
+    kv_of_head = torch.arange(H) // (H // weights.num_kv_heads)
+
+    def expand(w: torch.Tensor, b: torch.Tensor | None):
+        w = w.view(-1, d, D)[kv_of_head].reshape(H * d, D)
+        return w, None if b is None else b.view(-1, d)[kv_of_head].reshape(H * d)
+
+    return {
+        "q": (weights.q_weight, weights.q_bias),
+        "k": expand(weights.k_weight, weights.k_bias),
+        "v": expand(weights.v_weight, weights.v_bias),
+    }
+
+
+@torch.no_grad()
+def seed_mixer(mixer: SSDMixer, weights: AttentionWeights) -> None:
+    """Write the teacher's attention projections into `mixer` (built with `mixer_settings`), in place."""
+    heads = _per_head(weights)
+    rows = {"x": heads["v"], "B": heads["k"], "C": heads["q"]}
+    inner = mixer.inner
+    if isinstance(mixer, Mamba2):
+        layout = {"z": 0, "x": inner, "B": 2 * inner, "C": 3 * inner, "dt": 4 * inner}
+    elif isinstance(mixer, DiscreteMamba2):
+        layout = {"x": 0, "B": inner, "C": 2 * inner, "z": 3 * inner, "dt": 4 * inner}
+    else:
+        raise TypeError(f"no seeding rule for {type(mixer).__name__}")
+
+    weight, bias = mixer.in_proj.weight, mixer.in_proj.bias
+    weight.zero_()
+    bias.zero_()
+    for name, (w, b) in rows.items():
+        start = layout[name]
+        weight[start : start + inner] = w
+        if b is not None:
+            bias[start : start + inner] = b
+    bias[layout["z"] : layout["z"] + inner] = SILU_ONE
+
+    if isinstance(mixer, DiscreteMamba2):
+        # decay exp(-softplus(a)) with softplus(a) log-uniform in [1e-3, 1e-1], as Mamba-2's dt range
+        dt = torch.exp(torch.rand(mixer.config.n_heads) * math.log(100) + math.log(1e-3))
+        bias[layout["dt"] :] = dt + torch.log(-torch.expm1(-dt))
+
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0
+    if mixer.conv1d.bias is not None:
+        mixer.conv1d.bias.zero_()
+
+    if weights.qk_norm:
+        for norm, w, b in (
+            (mixer.B_norm, weights.k_norm_weight, weights.k_norm_bias),
+            (mixer.C_norm, weights.q_norm_weight, weights.q_norm_bias),
+        ):
+            norm.weight.copy_(w)
+            if b is not None:
+                norm.bias.copy_(b)
+
+    mixer.out_proj.weight.copy_(weights.o_weight)
+    if weights.o_bias is not None:
+        mixer.out_proj.bias.copy_(weights.o_bias)
+    else:
+        mixer.out_proj.bias.zero_()
+
+
+def head_rms(outputs: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Per-head RMS of (..., heads * head_dim) outputs, over everything but the head."""
+    per_head = outputs.float().unflatten(-1, (num_heads, -1)).transpose(0, -2).reshape(num_heads, -1)
+    return per_head.pow(2).mean(-1).sqrt()
+
+
+def teacher_head_rms(weights: AttentionWeights, inputs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """RMS of each teacher head's attention output (before W_O), from its probabilities and values."""
+    v = _per_head(weights)["v"]
+    values = F.linear(inputs, *v).unflatten(-1, (weights.num_heads, weights.head_dim))  # B L H d
+    out = torch.einsum("bhts,bshd->bthd", probs.to(values.dtype), values)
+    return head_rms(out.flatten(-2), weights.num_heads)
+
+
+@torch.no_grad()
+def calibrate_mixer(mixer: SSDMixer, inputs: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
+    """Rescale each head so that its output RMS (before out_proj) on `inputs` equals `target_rms`.
+
+    Returns the factors applied (one per head).
+    """
+    seen: list[torch.Tensor] = []
+    handle = mixer.out_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        mixer(inputs.to(mixer.out_proj.weight.dtype))
+    finally:
+        handle.remove()
+    student_rms = head_rms(seen[0], mixer.config.n_heads)
+    factors = target_rms.to(student_rms) / student_rms.clamp(min=1e-12)
+    per_channel = factors.repeat_interleave(mixer.config.head_dim)
+    if isinstance(mixer, Mamba2):
+        mixer.norm.weight.mul_(per_channel.to(mixer.norm.weight.dtype))
+    else:  # no norm: the constant gate silu(z bias) carries the scale, and out_proj stays W_O
+        z = mixer.in_proj.bias[3 * mixer.inner : 4 * mixer.inner]
+        z.copy_(inverse_silu(F.silu(z.float()) * per_channel).to(z.dtype))
+    return factors
+
+
+def inverse_silu(y: torch.Tensor) -> torch.Tensor:
+    """The x >= 0 with silu(x) = y, for y >= 0 (bisection; silu is increasing there)."""
+    lo, hi = torch.zeros_like(y), y.clamp(min=1.0) + 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        too_small = F.silu(mid) < y
+        lo, hi = torch.where(too_small, mid, lo), torch.where(too_small, hi, mid)
+    return (lo + hi) / 2

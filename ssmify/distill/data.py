@@ -1,0 +1,395 @@
+"""Training text -> packed token blocks, with a deterministic order that a resumed run can replay.
+
+Documents come from local txt / jsonl / parquet files or a hub dataset, read through `datasets`.
+Each is tokenized with the teacher's tokenizer, followed by EOS, and the documents are
+concatenated and cut into `seq_len` blocks. The token stream of a local or downloaded corpus is
+cached (keyed by the files, the tokenizer and the split settings), so a second run does not
+tokenize again; a streamed hub corpus is tokenized on the fly and never stored.
+
+The training order is a function of (seed, global sequence index) only: sequence g of the run is
+block `perm_e[g mod N]` of epoch e = g // N. A run resumed at step s therefore sees exactly the
+batches an uninterrupted run would have seen, without replaying the ones before.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ssmify.distill.recipe import DataConfig, HubSource
+from ssmify.errors import SsmifyError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+TOKENIZE_BATCH = 512
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": "line"}
+
+
+class Blocks(Protocol):
+    """Token blocks of one split."""
+
+    seq_len: int
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        """Sequences start .. start+count-1 of the shuffled training order: (count, seq_len) int64."""
+        ...
+
+    def first(self, count: int) -> torch.Tensor:
+        """The first `count` blocks in corpus order (at most as many as exist): a fixed validation set."""
+        ...
+
+
+@dataclass
+class DistillData:
+    train: Blocks
+    validation: Blocks
+
+
+def default_cache_root() -> Path:
+    """~/.cache/ssmify/data, or $SSMIFY_CACHE/data."""
+    base = os.environ.get("SSMIFY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ssmify")
+    return Path(base) / "data"
+
+
+def load_data(
+    config: DataConfig, tokenizer: Any, seq_len: int, seed: int, cache_root: Path | None = None
+) -> DistillData:
+    """The training and validation blocks of a recipe's data section, tokenized with `tokenizer`.
+
+    Without data.validation, a validation_fraction of the training documents is held out.
+    """
+    if tokenizer.eos_token_id is None:
+        raise SsmifyError(
+            "teacher tokenizer: it has no eos_token, which packing needs as the document separator"
+        )
+    held_out = config.validation is None
+    validation_sources = config.train if held_out else config.validation
+    documents = {
+        "train": DocumentSource(config.train, config, seed, keep="train" if held_out else "all"),
+        "validation": DocumentSource(
+            validation_sources, config, seed, keep="held_out" if held_out else "all"
+        ),
+    }
+    streamed = {
+        "train": any(_is_streamed(s) for s in config.train),
+        "validation": any(_is_streamed(s) for s in validation_sources),
+    }
+    result: dict[str, Blocks] = {}
+    cached = [name for name in documents if not streamed[name]]
+    if cached:
+        root = Path(config.cache_dir) if config.cache_dir else (cache_root or default_cache_root())
+        token_streams = cached_token_streams({n: documents[n] for n in cached}, tokenizer, root)
+        for name in cached:
+            blocks = PackedBlocks(token_streams[name], seq_len, seed)
+            if blocks.num_blocks == 0:
+                raise SsmifyError(_too_little_text(name, len(token_streams[name]), seq_len, held_out))
+            result[name] = blocks
+    for name in documents:
+        if streamed[name]:
+            shuffle = name == "train"
+            result[name] = StreamedBlocks(
+                documents[name], tokenizer, seq_len, seed, shuffle, config.shuffle_buffer
+            )
+    return DistillData(result["train"], result["validation"])
+
+
+def _too_little_text(split: str, tokens: int, seq_len: int, held_out: bool) -> str:
+    hint = (
+        " (give data.validation files or raise data.validation_fraction)"
+        if split == "validation" and held_out
+        else ""
+    )
+    return f"data.{split}: {tokens} tokens do not fill one block of seq_len {seq_len}{hint}"
+
+
+def _is_streamed(source: str | HubSource) -> bool:
+    return isinstance(source, HubSource) and source.streaming
+
+
+class DocumentSource:
+    """The documents of one split: the files or hub datasets listed, optionally filtered by the hold-out rule.
+
+    keep is "all", "train" (the documents not held out) or "held_out". Record i of listed source j
+    is held out when a hash of (seed, j, i) falls below validation_fraction. The rule needs no pass
+    over the data and gives the same split whether a corpus is read at once or streamed.
+    """
+
+    def __init__(self, sources: list[str | HubSource], config: DataConfig, seed: int, keep: str) -> None:
+        self.sources = sources
+        self.config = config
+        self.seed = seed
+        self.keep = keep
+        self.files = {j: expand_files(s) for j, s in enumerate(sources) if isinstance(s, str)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the documents depend on, for the cache key."""
+        listed: list[Any] = []
+        for j, source in enumerate(self.sources):
+            if isinstance(source, str):
+                listed.append(
+                    [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files[j]]
+                )
+            else:
+                listed.append(source.model_dump())
+        fraction = self.config.validation_fraction if self.keep != "all" else None
+        return {
+            "sources": listed,
+            "field": self.config.field,
+            "documents": self.config.documents,
+            "keep": self.keep,
+            "validation_fraction": fraction,
+            "seed": self.seed if fraction is not None else None,
+        }
+
+    def keeps(self, source_index: int, record_index: int) -> bool:
+        if self.keep == "all":
+            return True
+        digest = hashlib.blake2b(
+            f"{self.seed}:{source_index}:{record_index}".encode(), digest_size=8
+        ).digest()
+        held_out = int.from_bytes(digest, "little") / 2**64 < self.config.validation_fraction
+        return held_out == (self.keep == "held_out")
+
+    def documents(self, shuffle_seed: int | None = None, buffer_size: int = 10_000) -> Iterator[str]:
+        """The non-empty texts in order; with shuffle_seed, streamed hub sources pass a shuffle buffer."""
+        for j, source in enumerate(self.sources):
+            if isinstance(source, str):
+                texts = self._local_texts(j)
+            else:
+                texts = self._hub_texts(j, source, shuffle_seed, buffer_size)
+            for text in texts:
+                if isinstance(text, str) and text.strip():
+                    yield text.strip()
+
+    def _local_texts(self, j: int) -> Iterator[str]:
+        from datasets import load_dataset
+
+        index = 0
+        for path in self.files[j]:
+            builder = BUILDERS[path.suffix.lower()]
+            kwargs: dict[str, Any] = {}
+            if builder == "text":
+                kwargs = {"sample_by": SAMPLE_BY[self.config.documents], "keep_linebreaks": True}
+            dataset = load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
+            field = "text" if builder == "text" else self.config.field
+            for example in dataset:
+                if field not in example:
+                    raise SsmifyError(f"{path}: no field {field!r} in its records (set data.field)")
+                if self.keeps(j, index):
+                    yield example[field]
+                index += 1
+
+    def _hub_texts(
+        self, j: int, source: HubSource, shuffle_seed: int | None, buffer_size: int
+    ) -> Iterator[str]:
+        from datasets import load_dataset
+
+        try:
+            dataset = load_dataset(
+                source.hub,
+                source.subset,
+                split=source.split,
+                revision=source.revision,
+                streaming=source.streaming,
+            )
+        except Exception as err:  # datasets raises many types for a name it cannot resolve
+            raise SsmifyError(
+                f"data: hub dataset {source.hub!r} could not be opened: {err}".splitlines()[0]
+            ) from None
+        if source.field not in dataset.column_names:
+            raise SsmifyError(f"data: hub dataset {source.hub!r} has no field {source.field!r}")
+        if self.keep != "all":
+            dataset = dataset.filter(lambda _, i: self.keeps(j, i), with_indices=True)
+        if shuffle_seed is not None and source.streaming:
+            dataset = dataset.shuffle(seed=shuffle_seed, buffer_size=buffer_size)
+        for example in dataset:
+            yield example[source.field]
+
+
+def check_data_files(config: DataConfig) -> None:
+    """Fail early, before any model loads, when a listed local file or glob matches nothing."""
+    for source in [*config.train, *(config.validation or [])]:
+        if isinstance(source, str):
+            expand_files(source)
+
+
+def expand_files(pattern: str) -> list[Path]:
+    """The files a path or glob names, sorted; an error naming the pattern when there are none."""
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    files = [Path(m) for m in matches if Path(m).is_file()]
+    if not files:
+        raise SsmifyError(f"data: {pattern}: no such file")
+    for path in files:
+        if path.suffix.lower() not in BUILDERS:
+            raise SsmifyError(
+                f"data: {path}: unsupported file type; expected .txt, .jsonl, .json or .parquet"
+            )
+    return files
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer: Any) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by EOS, in batches (one uint32 array per batch)."""
+    eos = tokenizer.eos_token_id
+    batch: list[str] = []
+
+    def flush() -> np.ndarray:
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.uint32)
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) == TOKENIZE_BATCH:
+            yield flush()
+            batch = []
+    if batch:
+        yield flush()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides the token ids: the tokenizer's full serialization."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}:{text}".encode()).hexdigest()
+
+
+def cached_token_streams(
+    sources: dict[str, DocumentSource], tokenizer: Any, root: Path
+) -> dict[str, np.ndarray]:
+    """Each split's token stream, read from the cache or tokenized once and stored (atomically)."""
+    key_data = {
+        "format": CACHE_FORMAT,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "splits": {name: src.fingerprint() for name, src in sources.items()},
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:24]
+    folder = root / key
+    if not all((folder / f"{name}.npy").is_file() for name in sources):
+        _build_cache(folder, sources, tokenizer, key_data)
+    else:
+        logger.info("token cache hit: %s", folder)
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in sources}
+
+
+def _build_cache(folder: Path, sources: dict[str, DocumentSource], tokenizer: Any, key_data: dict) -> None:
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if all((folder / f"{name}.npy").is_file() for name in sources):
+            return  # the main process built it while this one waited
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, source in sources.items():
+            logger.info("tokenizing the %s split into %s", name, folder)
+            chunks = list(tokenize_documents(source.documents(), tokenizer))
+            tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
+            np.save(tmp / f"{name}.npy", tokens)
+        (tmp / "meta.json").write_text(json.dumps(key_data, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+
+
+class PackedBlocks:
+    """Blocks cut from a token stream held in memory or memory-mapped; reshuffled every epoch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
+        self.seq_len = seq_len
+        self.num_blocks = len(tokens) // seq_len
+        self.blocks = tokens[: self.num_blocks * seq_len].reshape(self.num_blocks, seq_len)
+        self.seed = seed
+
+    @lru_cache(maxsize=4)  # noqa: B019 (the object lives as long as the run)
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        rows = [
+            self.permutation(g // self.num_blocks)[g % self.num_blocks] for g in range(start, start + count)
+        ]
+        return torch.from_numpy(self.blocks[rows].astype(np.int64))
+
+    def first(self, count: int) -> torch.Tensor:
+        """The first `count` blocks in file order (the validation set: fixed, not shuffled)."""
+        return torch.from_numpy(self.blocks[: min(count, self.num_blocks)].astype(np.int64))
+
+
+class StreamedBlocks:
+    """Blocks packed on the fly from streamed documents; epoch e reshuffles with seed + e.
+
+    take() moves a cursor forward; asking for an earlier index restarts the stream and skips
+    ahead, which is how a resumed run finds its place in a corpus too large to store.
+    """
+
+    def __init__(
+        self, source: DocumentSource, tokenizer: Any, seq_len: int, seed: int, shuffle: bool, buffer_size: int
+    ) -> None:
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.buffer_size = buffer_size
+        self._cursor = 0
+        self._iterator: Iterator[np.ndarray] | None = None
+
+    def _epochs(self) -> Iterator[np.ndarray]:
+        epoch = 0
+        while True:
+            seed = self.seed + epoch if self.shuffle else None
+            produced = 0
+            for block in pack(
+                tokenize_documents(self.source.documents(seed, self.buffer_size), self.tokenizer),
+                self.seq_len,
+            ):
+                produced += 1
+                yield block
+            if produced == 0:
+                raise SsmifyError(
+                    f"data: the streamed split holds less than one block of seq_len {self.seq_len}"
+                )
+            if not self.shuffle:
+                return
+            epoch += 1
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        if self._iterator is None or start < self._cursor:
+            self._iterator, self._cursor = self._epochs(), 0
+        for _ in range(start - self._cursor):
+            next(self._iterator)
+        rows = [next(self._iterator) for _ in range(count)]
+        self._cursor = start + count
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def first(self, count: int) -> torch.Tensor:
+        rows = []
+        for block in self._epochs():
+            rows.append(block)
+            if len(rows) == count:
+                break
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def pack(chunks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
+    """Cut a stream of token arrays into consecutive seq_len blocks (the remainder is dropped)."""
+    buffer = np.zeros(0, dtype=np.uint32)
+    for chunk in chunks:
+        buffer = np.concatenate([buffer, chunk])
+        whole = len(buffer) // seq_len
+        for i in range(whole):
+            yield buffer[i * seq_len : (i + 1) * seq_len]
+        buffer = buffer[whole * seq_len :]

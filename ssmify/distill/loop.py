@@ -1,0 +1,319 @@
+"""The one training loop that serves every stage, written against `accelerate.Accelerator`.
+
+Per optimizer step it reads one global batch (global_batch_tokens / seq_len sequences, fixed by
+the seed and the step), gives each process its share, and accumulates micro batches of
+micro_batch_size sequences. The number of accumulation steps is derived:
+
+    accumulation = global_batch_tokens / (micro_batch_size * seq_len * num_processes)
+
+so a 1-process and an N-process run with the same recipe take the same optimizer steps on the
+same data. The teacher runs under no_grad in its own dtype, outside everything accelerate wraps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
+from torch import nn
+from tqdm.auto import tqdm
+
+from ssmify.distill.checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint, write_json_atomic
+from ssmify.distill.data import Blocks, DistillData
+from ssmify.distill.objectives import build_objective
+from ssmify.distill.recipe import Recipe, Stage, stage_dir_name, stage_seq_len
+from ssmify.distill.schedules import lr_factor
+from ssmify.distill.students import load_student, save_student
+from ssmify.errors import SsmifyError
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"  # written last: a stage folder with it is finished
+
+
+def distributed_state() -> PartialState:
+    """accelerate's process state; honours ACCELERATE_USE_CPU=true (multi-process CPU runs over gloo)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The sizes a stage runs with on this launch."""
+
+    index: int
+    stage: Stage
+    seq_len: int
+    num_processes: int
+    accumulation: int
+    steps: int
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.stage.global_batch_tokens // self.seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.stage.global_batch_tokens
+
+
+def plan_stage(recipe: Recipe, index: int, num_processes: int) -> StagePlan:
+    """Derive accumulation and step count; a one-line error naming the field when they do not work out."""
+    stage = recipe.stages[index]
+    seq_len = stage_seq_len(recipe, stage)
+    per_micro_step = stage.micro_batch_size * seq_len * num_processes
+    if stage.global_batch_tokens % per_micro_step:
+        raise SsmifyError(
+            f"stages.{index}.global_batch_tokens: {stage.global_batch_tokens} is not a multiple of "
+            f"micro_batch_size x seq_len x processes = {stage.micro_batch_size} x {seq_len} x {num_processes}"
+        )
+    steps = stage.tokens // stage.global_batch_tokens
+    if steps == 0:
+        raise SsmifyError(
+            f"stages.{index}.tokens: {stage.tokens} is smaller than one batch "
+            f"(global_batch_tokens {stage.global_batch_tokens})"
+        )
+    return StagePlan(index, stage, seq_len, num_processes, stage.global_batch_tokens // per_micro_step, steps)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs that the run provides."""
+
+    recipe: Recipe
+    index: int
+    teacher: nn.Module
+    tokenizer: Any
+    start_dir: Path  # the student this stage starts from
+    output_dir: Path
+    data: DistillData
+
+    @property
+    def stage(self) -> Stage:
+        return self.recipe.stages[self.index]
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.output_dir / stage_dir_name(self.index, self.stage)
+
+
+def make_accelerator(recipe: Recipe, plan: StagePlan) -> Accelerator:
+    """One Accelerator per stage, since accumulation differs between stages."""
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=plan.stage.name == "matrix")]
+    project = ProjectConfiguration(
+        project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
+    )
+    return Accelerator(
+        gradient_accumulation_steps=plan.accumulation,
+        mixed_precision=recipe.mixed_precision,
+        log_with=list(recipe.trackers) or None,
+        project_config=project,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms, A_log, D, dt_bias), as nanoGPT does."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_stage(ctx: StageContext, resume: bool) -> dict:
+    """Run one stage to the end (or from its newest checkpoint), save its student, and return its summary."""
+    recipe, stage = ctx.recipe, ctx.stage
+    plan = plan_stage(recipe, ctx.index, distributed_state().num_processes)
+    accelerator = make_accelerator(recipe, plan)
+    main = accelerator.is_main_process
+    set_seed(recipe.seed + ctx.index)
+
+    student = load_student(ctx.start_dir)
+    objective = build_objective(stage, student)
+    if not any(p.requires_grad for p in objective.parameters()):
+        raise SsmifyError(f"stages.{ctx.index}.trainable: {stage.trainable!r} selects no parameters")
+    optimizer = torch.optim.AdamW(
+        param_groups(objective, stage.weight_decay), lr=stage.lr, betas=stage.betas, eps=stage.eps
+    )
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    validation = validation_set(ctx.data.validation, stage, plan)
+
+    checkpoints = ctx.stage_dir / "checkpoints"
+    resume_from = newest_checkpoint(checkpoints) if resume else None
+    if resume_from is not None:
+        progress = load_checkpoint(accelerator, resume_from)
+        if main:
+            logger.info("%s: resuming from %s", ctx.stage_dir.name, resume_from)
+    else:
+        progress = {"step": 0, "seconds": 0.0, "losses": [], "val_losses": []}
+        progress["val_losses"].append(
+            [0, evaluate(model, objective, ctx.teacher, validation, plan, accelerator)]
+        )
+
+    if recipe.trackers:
+        accelerator.init_trackers("ssmify", config={"stage": ctx.stage_dir.name, "lr": stage.lr})
+    bar = tqdm(
+        total=plan.steps, initial=progress["step"], desc=ctx.stage_dir.name, unit="step", disable=not main
+    )
+    session_start, session_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(progress["step"], plan.steps):
+        lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = train_step(model, objective, ctx.teacher, ctx.data.train, step, plan, accelerator)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            bad = "loss" if not math.isfinite(loss) else "gradient norm"
+            last = newest_checkpoint(checkpoints)
+            where = (
+                f"the last good checkpoint is {last} (continue it with --resume, e.g. after lowering lr)"
+                if last is not None
+                else f"no checkpoint was written yet; the stage starts again from {ctx.start_dir}"
+            )
+            raise SsmifyError(
+                f"{ctx.stage_dir.name}: the {bad} became {loss if bad == 'loss' else grad_norm} at step "
+                f"{step + 1}; stopped without saving it, and {where}"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        progress["step"] = done
+        progress["losses"].append(loss)
+        session_steps += 1
+        elapsed = time.perf_counter() - session_start
+        tokens_per_s = session_steps * plan.tokens_per_step / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        if recipe.trackers and done % stage.log_every == 0:
+            accelerator.log(
+                {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
+            )
+        if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
+            val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
+            progress["val_losses"].append([done, val])
+            if recipe.trackers:
+                accelerator.log({"val_loss": val}, step=done)
+        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
+            progress["seconds"] += time.perf_counter() - session_start
+            session_start, session_steps = time.perf_counter(), 0
+            save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
+    bar.close()
+
+    val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
+    progress["val_losses"].append([plan.steps, val])
+    seconds = progress["seconds"] + time.perf_counter() - session_start
+    state = accelerator.get_state_dict(model)
+    summary = {
+        "stage": ctx.stage_dir.name,
+        "tokens": plan.steps * plan.tokens_per_step,
+        "steps": plan.steps,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(plan.steps * plan.tokens_per_step / max(seconds, 1e-9), 1),
+        "loss_first": progress["losses"][0],
+        "loss_last": progress["losses"][-1],
+        "val_loss_first": progress["val_losses"][0][1],
+        "val_loss_last": progress["val_losses"][-1][1],
+        "processes": plan.num_processes,
+        "accumulation": plan.accumulation,
+        "losses": progress["losses"],
+        "val_losses": progress["val_losses"],
+    }
+    if main:
+        fresh = load_student(ctx.start_dir)
+        fresh_objective = build_objective(stage, fresh)
+        fresh_objective.load_state_dict(state)
+        save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
+        write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
+        if recipe.trackers:
+            accelerator.log({"val_loss": val}, step=plan.steps)
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()  # not end_training(): that also ends the process group, which later stages need
+    accelerator.free_memory()
+    return summary
+
+
+def local_micro_batches(global_batch: torch.Tensor, plan: StagePlan, process_index: int) -> torch.Tensor:
+    """This process's micro batches of a global batch: (accumulation, micro_batch_size, seq_len)."""
+    shaped = global_batch.view(
+        plan.accumulation, plan.num_processes, plan.stage.micro_batch_size, plan.seq_len
+    )
+    return shaped[:, process_index]
+
+
+def train_step(
+    model: nn.Module,
+    objective: nn.Module,
+    teacher: nn.Module,
+    train: Blocks,
+    step: int,
+    plan: StagePlan,
+    accelerator: Accelerator,
+) -> tuple[float, float]:
+    """Forward and backward over this process's micro batches of global step `step`.
+
+    Returns the loss averaged over all processes and the gradient norm (before clipping; 0.0 when
+    clipping is off), both as floats, so that the caller can stop before the optimizer step.
+    """
+    global_batch = train.take(step * plan.sequences_per_step, plan.sequences_per_step)
+    total = torch.zeros((), device=accelerator.device)
+    for micro in local_micro_batches(global_batch, plan, accelerator.process_index):
+        micro = micro.to(accelerator.device)
+        with accelerator.accumulate(model):
+            targets = objective.teacher_targets(teacher, micro)
+            loss = model(micro, targets)["loss"]
+            accelerator.backward(loss)
+        total += loss.detach().float()
+    loss_value = accelerator.reduce(total / plan.accumulation, reduction="mean").item()
+    grad_norm = 0.0
+    if plan.stage.max_grad_norm is not None:
+        norm = accelerator.clip_grad_norm_(model.parameters(), plan.stage.max_grad_norm)
+        grad_norm = float(norm) if norm is not None else 0.0
+    return loss_value, grad_norm
+
+
+def validation_set(validation: Blocks, stage: Stage, plan: StagePlan) -> torch.Tensor:
+    """The fixed validation blocks: the first eval_tokens / seq_len (at least one), for any process count."""
+    return validation.first(max(stage.eval_tokens // plan.seq_len, 1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    objective: nn.Module,
+    teacher: nn.Module,
+    validation: torch.Tensor,
+    plan: StagePlan,
+    accelerator: Accelerator,
+) -> float:
+    """The objective's mean loss over the validation blocks, which the processes share out.
+
+    Every process runs the same number of forward passes (FSDP and ZeRO-3 need that): one that
+    has run out of blocks reruns the first one with weight zero.
+    """
+    model.eval()
+    size = plan.stage.micro_batch_size
+    local = validation[accelerator.process_index :: plan.num_processes]
+    passes = math.ceil(math.ceil(len(validation) / plan.num_processes) / size)
+    total = torch.zeros(2, device=accelerator.device)
+    for i in range(passes):
+        chunk = local[i * size : (i + 1) * size]
+        weight = float(len(chunk))
+        chunk = (chunk if len(chunk) else validation[:1]).to(accelerator.device)
+        loss = model(chunk, objective.teacher_targets(teacher, chunk))["loss"].float()
+        total += torch.stack([loss * weight, torch.tensor(weight, device=total.device)])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()

@@ -1,0 +1,128 @@
+"""Run a recipe: load the teacher once, find or convert the student, then train the stages in order.
+
+Output layout (output_dir):
+
+    recipe.yaml            the validated recipe this run used
+    0-convert/             the converted student, when the recipe gives convert options
+    1-matrix/              stage 1: the student after it (a loadable HF folder), summary.json,
+      checkpoints/step-N/  and the accelerate state of its newest checkpoints
+    2-hidden/ ...
+
+A stage folder with summary.json is finished; `--resume` skips it and continues the first
+unfinished stage from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import PartialState
+from torch import nn
+
+from ssmify.convert.teacher import load_teacher
+from ssmify.distill.data import check_data_files, load_data
+from ssmify.distill.loop import SUMMARY_FILE, StageContext, distributed_state, train_stage
+from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
+from ssmify.distill.students import check_vocabulary
+from ssmify.errors import SsmifyError
+
+logger = logging.getLogger(__name__)
+
+CONVERT_DIR = "0-convert"
+RECIPE_FILE = "recipe.yaml"
+
+
+def run_recipe(recipe: Recipe, resume: bool = False) -> list[dict]:
+    """Train every unfinished stage of `recipe`; returns each stage's summary (finished ones from disk)."""
+    out = Path(recipe.output_dir)
+    state = distributed_state()
+    check_data_files(recipe.data)
+    stage_dirs = [out / stage_dir_name(i, s) for i, s in enumerate(recipe.stages)]
+    if not resume and any(d.exists() for d in [out / CONVERT_DIR, *stage_dirs]):
+        raise SsmifyError(
+            f"output_dir {out}: it already holds a run; "
+            "pass --resume to continue it, or choose another output_dir"
+        )
+    if state.is_main_process:
+        record_recipe(recipe, out / RECIPE_FILE, resume)
+    state.wait_for_everyone()
+    finished = [(d / SUMMARY_FILE).is_file() for d in stage_dirs]
+    first_open = finished.index(False) if False in finished else len(finished)
+    summaries = [json.loads((d / SUMMARY_FILE).read_text()) for d in stage_dirs[:first_open]]
+    if first_open == len(recipe.stages):
+        logger.info("all %d stages of %s are finished", first_open, out)
+        return summaries
+
+    converting = recipe.student.path is None and not (out / CONVERT_DIR / "config.json").is_file()
+    dtype = "float32" if converting else teacher_dtype(recipe)  # seed the mixers from full-precision weights
+    teacher, tokenizer = load_teacher(recipe.teacher, dtype, recipe.trust_remote_code)
+    if tokenizer is None:
+        raise SsmifyError(
+            f"teacher {recipe.teacher}: it has no tokenizer files; the data is tokenized with it"
+        )
+    start = find_or_convert_student(recipe, teacher, tokenizer, out, state)
+    check_vocabulary(recipe.teacher, teacher, tokenizer, start)
+    teacher.requires_grad_(False)
+    teacher.eval().to(state.device, dtype=getattr(torch, teacher_dtype(recipe)))
+    if first_open > 0:
+        start = stage_dirs[first_open - 1]
+        logger.info("stages 1-%d are finished; starting from %s", first_open, start)
+
+    for index in range(first_open, len(recipe.stages)):
+        stage = recipe.stages[index]
+        data = load_data(recipe.data, tokenizer, stage_seq_len(recipe, stage), recipe.seed)
+        ctx = StageContext(recipe, index, teacher, tokenizer, start, out, data)
+        summaries.append(train_stage(ctx, resume))
+        start = stage_dirs[index]
+    return summaries
+
+
+def teacher_dtype(recipe: Recipe) -> str:
+    """The recipe's teacher_dtype; "auto" is bf16 on a GPU that has it, fp32 otherwise."""
+    if recipe.teacher_dtype != "auto":
+        return recipe.teacher_dtype
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def record_recipe(recipe: Recipe, path: Path, resume: bool) -> None:
+    """Save the validated recipe beside the run; on resume, warn about what changed since."""
+    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    if resume and path.is_file():
+        before = yaml.safe_load(path.read_text()) or {}
+        now = recipe.model_dump(mode="json")
+        changed = [k for k in now if before.get(k) != now[k]]
+        if changed:
+            logger.warning("resuming with a recipe that differs from %s in: %s", path, ", ".join(changed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def find_or_convert_student(
+    recipe: Recipe, teacher: nn.Module, tokenizer: Any, out: Path, state: PartialState
+) -> Path:
+    """The student folder: student.path, or output_dir/0-convert made once by `ssmify.convert.convert`."""
+    if recipe.student.path is not None:
+        path = Path(recipe.student.path)
+        if not (path / "config.json").is_file():
+            raise SsmifyError(
+                f"student.path {path}: no config.json there; expected a converted student folder"
+            )
+        return path
+    target = out / CONVERT_DIR
+    if state.is_main_process and not (target / "config.json").is_file():
+        from ssmify.convert.convert import convert
+
+        logger.info("converting %s into %s", recipe.teacher, target)
+        convert(teacher, out=target, tokenizer=tokenizer, overwrite=True, **recipe.student.convert_kwargs())
+    state.wait_for_everyone()
+    return target

@@ -1,0 +1,179 @@
+"""report.json (every number), report.md (a person's view: student and teacher side by side) and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from ssmify.eval.plots import plot_alignment, plot_recall, plot_speed
+
+PLOTS = {"alignment": plot_alignment, "recall": plot_recall, "speed": plot_speed}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename, so a killed run never leaves half a report."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.4g} {unit}"
+        value /= 1024
+    return f"{value:.4g} GiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _quality(results: dict, has_teacher: bool) -> list[str]:
+    header = ["metric", "student"] + (["teacher", "student / teacher"] if has_teacher else [])
+    rows = []
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        label = f"perplexity ({ppl['tokens']} tokens, windows of {ppl['seq_len']})"
+        row = [label, _num(ppl["value"])]
+        if has_teacher:
+            row += [_num(ppl.get("teacher_value")), _num(ppl.get("ratio"), 3)]
+        rows.append(row)
+    if "agreement" in results:
+        agree = results["agreement"]
+        pad = ["", ""] if has_teacher else []
+        rows.append(["KL(teacher ‖ student), nats per token", _num(agree["kl"]), *pad])
+        rows.append(["top-1 agreement with the teacher", _num(agree["top1"]), *pad])
+    return ["## Quality", "", *_table(header, rows)] if rows else []
+
+
+def _alignment(result: dict) -> list[str]:
+    rows = [
+        [str(r["layer"]), _num(r["matrix_rel_error"]), _num(r["hidden_rel_error"])] for r in result["layers"]
+    ]
+    return [
+        "## Alignment with the teacher, per converted layer",
+        "",
+        "Relative Frobenius error of the mixer's mixing matrix against the teacher's attention matrix, and "
+        "relative L2 error of the block output, both on the teacher's own inputs to that layer.",
+        "",
+        *_table(["layer", "matrix error", "hidden error"], rows),
+    ]
+
+
+def _recall(result: dict, has_teacher: bool) -> list[str]:
+    header = ["context", "pairs", "queries", "student"] + (["teacher"] if has_teacher else [])
+    rows = []
+    for p in result["points"]:
+        row = [str(p["length"]), str(p["pairs"]), str(p["queries"]), _num(p["accuracy"], 3)]
+        if has_teacher:
+            row.append(_num(p.get("teacher_accuracy"), 3))
+        rows.append(row)
+    lines = [
+        "## Associative recall",
+        "",
+        "Key-value pairs of random ordinary tokens fill the context, then keys are asked again; accuracy is "
+        f"the share of queries whose next token is the right value (chance {result['chance']:.2g}). "
+        "Fixed-size recurrent states are known to lose this as the context grows.",
+        "",
+        *_table(header, rows),
+    ]
+    lines += [f"- skipped {s['length']}: {s['reason']}" for s in result["skipped"]]
+    return lines + ([""] if result["skipped"] else [])
+
+
+def _speed(result: dict, has_teacher: bool) -> list[str]:
+    columns = [("prefill s", "prefill_s", _num), ("decode tok/s", "decode_tokens_per_s", _num)]
+    columns += [("peak memory", "peak_memory_bytes", _bytes), ("state", "state_bytes", _bytes)]
+    header = ["context"] + [name + (" (student / teacher)" if has_teacher else "") for name, _, _ in columns]
+    rows = []
+    for p in result["points"]:
+        row = [str(p["length"])]
+        for _, key, fmt in columns:
+            row.append(
+                f"{fmt(p.get(key))} / {fmt(p.get('teacher_' + key))}" if has_teacher else fmt(p.get(key))
+            )
+        rows.append(row)
+    lines = [
+        "## Speed and memory",
+        "",
+        f"On {result['device']} in {result['dtype']}; decode speed over {result['decode_tokens']} greedy "
+        "tokens with the model's own cache. Peak memory: " + result["memory"] + ". State: exact bytes of the "
+        "cache after prefill (KV cache for attention layers, conv and recurrent state for SSM layers).",
+        "",
+        *_table(header, rows),
+    ]
+    if has_teacher:
+        ratios = ["prefill_speedup", "decode_speedup", "memory_ratio", "state_ratio"]
+        ratio_rows = [[str(p["length"])] + [_num(p.get(key), 3) for key in ratios] for p in result["points"]]
+        lines += [
+            "Speedups above 1: the student is faster; memory and state ratios below 1: it is smaller.",
+            "",
+            *_table(
+                ["context", "prefill speedup", "decode speedup", "memory ratio", "state ratio"], ratio_rows
+            ),
+        ]
+    lines += [f"- skipped {s['model']} at {s['length']}: {s['reason']}" for s in result["skipped"]]
+    return lines + ([""] if result["skipped"] else [])
+
+
+def _lm_eval(result: dict, has_teacher: bool) -> list[str]:
+    header = ["task", "metric", "student"] + (["teacher"] if has_teacher else [])
+    rows = []
+    for task, entry in result.items():
+        for metric, value in entry["metrics"].items():
+            row = [task, metric, _num(value)]
+            if has_teacher:
+                row.append(_num(entry.get("teacher_metrics", {}).get(metric)))
+            rows.append(row)
+    return ["## lm-evaluation-harness", "", *_table(header, rows)]
+
+
+def render_markdown(report: dict) -> str:
+    """The human-readable report; teacher columns appear when the report has a teacher."""
+    has_teacher = report.get("teacher") is not None
+    lines = ["# ssmify eval report", "", f"- student: `{report.get('model')}`"]
+    if has_teacher:
+        lines.append(f"- teacher: `{report['teacher']}`")
+    lines += [f"- tasks: {', '.join(report.get('tasks', []))}", ""]
+    lines += _quality(report, has_teacher)
+    sections = {"alignment": lambda result, _: _alignment(result), "recall": _recall, "speed": _speed}
+    for key, render in {**sections, "lm_eval": _lm_eval}.items():
+        if key in report:
+            lines += render(report[key], has_teacher)
+            if key in report.get("plots", {}):
+                lines += [f"![{key}]({report['plots'][key]})", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict:
+    """Write the plots, report.json and report.md into out_dir; returns {"json", "markdown", plot names}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(report)
+    report["plots"] = {}
+    for key, plot in PLOTS.items():
+        if key in report and (report[key].get("points") or report[key].get("layers")):
+            plot(report[key], out / f"{key}.png")
+            report["plots"][key] = f"{key}.png"
+    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(out / "report.md", render_markdown(report))
+    return {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        **{k: out / v for k, v in report["plots"].items()},
+    }

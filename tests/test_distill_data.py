@@ -1,0 +1,137 @@
+"""Data: packing with EOS, the held-out split, a deterministic shuffled order, the token cache, file types."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_distill_support import char_tokenizer, write_corpus
+
+import ssmify.distill.data as data_module
+from ssmify.distill.data import DocumentSource, StreamedBlocks, load_data
+from ssmify.distill.recipe import DataConfig
+from ssmify.errors import SsmifyError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def config(tmp_path, **fields) -> DataConfig:
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **fields)
+
+
+def test_blocks_are_the_documents_joined_by_eos_and_cut_into_seq_len(tmp_path, tokenizer):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("first document.\n\nsecond one\nwith two lines.\n\nthird!\n")
+    data = load_data(
+        config(tmp_path, train=[str(corpus)], validation=[str(corpus)], seq_len=8), tokenizer, 8, 0
+    )
+    eos = tokenizer.eos_token_id
+    expected = []
+    for doc in ["first document.", "second one\nwith two lines.", "third!"]:
+        expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+    blocks = data.validation.first(100)
+    assert blocks.shape == (len(expected) // 8, 8)
+    assert blocks.flatten().tolist() == expected[: blocks.numel()]
+
+
+def test_the_held_out_documents_are_exactly_those_missing_from_training(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", 200)
+    cfg = config(tmp_path, train=[str(corpus)], validation_fraction=0.2)
+    everything = list(DocumentSource(cfg.train, cfg, seed=0, keep="all").documents())
+    train = list(DocumentSource(cfg.train, cfg, seed=0, keep="train").documents())
+    held = list(DocumentSource(cfg.train, cfg, seed=0, keep="held_out").documents())
+    assert 20 < len(held) < 60
+    assert sorted(train + held) == sorted(everything)
+    merged = iter(everything)
+    assert all(doc in merged for doc in held)  # held-out documents keep corpus order
+    other_seed = list(DocumentSource(cfg.train, cfg, seed=1, keep="held_out").documents())
+    assert other_seed != held
+
+
+def test_the_training_order_is_a_fixed_permutation_per_epoch(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "c.txt", 40)
+    cfg = config(tmp_path, train=[str(corpus)], validation_fraction=0.1)
+    first = load_data(cfg, tokenizer, 16, seed=3).train
+    again = load_data(cfg, tokenizer, 16, seed=3).train
+    other = load_data(cfg, tokenizer, 16, seed=4).train
+    n = first.num_blocks
+    epoch0, epoch1 = first.take(0, n), first.take(n, n)
+    assert torch.equal(epoch0, again.take(0, n))
+    assert not torch.equal(epoch0, other.take(0, n))
+    assert not torch.equal(epoch0, epoch1)
+    in_corpus_order = first.first(n)
+    for epoch in (epoch0, epoch1):
+        assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, in_corpus_order.tolist()))
+    assert torch.equal(first.take(n - 3, 6), torch.cat([epoch0[-3:], epoch1[:3]]))
+
+
+def test_a_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.txt", 30)
+    cfg = config(tmp_path, train=[str(corpus)], validation_fraction=0.3)
+    calls = []
+    real = data_module.tokenize_documents
+    monkeypatch.setattr(data_module, "tokenize_documents", lambda *a: calls.append(1) or real(*a))
+    first = load_data(cfg, tokenizer, 16, 0)
+    assert len(calls) == 2  # train and validation
+    cached = sorted((tmp_path / "cache").rglob("*.npy"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    second = load_data(cfg, tokenizer, 32, 0)  # another seq_len reuses the same token stream
+    assert len(calls) == 2
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert torch.equal(second.validation.first(2).flatten(), first.validation.first(4).flatten())
+    corpus.write_text(corpus.read_text() + "\n\nOne more document.\n")
+    load_data(cfg, tokenizer, 16, 0)
+    assert len(calls) == 4  # the file changed, so the key did
+
+
+def test_jsonl_and_parquet_read_the_configured_field(tmp_path, tokenizer):
+    docs = [f"document number {i}, with some words." for i in range(12)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": docs}), parquet)
+    streams = []
+    for path in (jsonl, parquet):
+        cfg = config(tmp_path, train=[str(path)], validation=[str(path)], field="body")
+        streams.append(load_data(cfg, tokenizer, 8, 0).validation.first(1000))
+    assert torch.equal(streams[0], streams[1])
+    with pytest.raises(SsmifyError, match=r"d.jsonl: no field 'text' in its records \(set data.field\)"):
+        load_data(config(tmp_path, train=[str(jsonl)], validation=[str(jsonl)]), tokenizer, 8, 0)
+
+
+def test_missing_and_unsupported_files_are_named(tmp_path, tokenizer):
+    with pytest.raises(SsmifyError, match=r"^data: .*nothing-\*.txt: no such file$"):
+        load_data(config(tmp_path, train=[str(tmp_path / "nothing-*.txt")]), tokenizer, 8, 0)
+    odd = tmp_path / "corpus.csv"
+    odd.write_text("a,b\n")
+    with pytest.raises(SsmifyError, match="corpus.csv: unsupported file type"):
+        load_data(config(tmp_path, train=[str(odd)]), tokenizer, 8, 0)
+
+
+def test_too_little_validation_text_says_what_to_change(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "c.txt", 3)
+    with pytest.raises(
+        SsmifyError,
+        match=r"data.validation: 0 tokens do not fill one block .* raise data.validation_fraction",
+    ):
+        load_data(config(tmp_path, train=[str(corpus)], validation_fraction=0.01), tokenizer, 64, 0)
+
+
+def test_streamed_blocks_match_the_packed_ones_and_replay_after_a_restart(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "c.txt", 20)
+    cfg = config(tmp_path, train=[str(corpus)], validation=[str(corpus)])
+    packed = load_data(cfg, tokenizer, 16, 0).validation.first(10_000)
+    stream = StreamedBlocks(DocumentSource(cfg.train, cfg, 0, "all"), tokenizer, 16, 0, True, 100)
+    assert torch.equal(stream.take(0, len(packed)), packed)
+    assert torch.equal(stream.take(len(packed) + 2, 3), packed[2:5])  # epoch 2 (local files keep their order)
+    assert torch.equal(stream.take(4, 2), packed[4:6])  # going back restarts the stream and skips ahead
+    assert torch.equal(stream.first(3), packed[:3])
+    assert np.array_equal(data_module.pack([np.arange(5), np.arange(5, 12)], 4).__next__(), np.arange(4))

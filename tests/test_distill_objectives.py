@@ -1,0 +1,159 @@
+"""The stage objectives: the KD loss's math, what each stage trains, and that each loss goes down."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from test_distill_support import char_tokenizer
+from tiny_models import tiny_model
+
+from ssmify.convert.convert import convert
+from ssmify.convert.student import mixer_layers
+from ssmify.distill.objectives import build_objective, trained_student
+from ssmify.distill.objectives.logits import kd_loss
+from ssmify.distill.recipe import LossConfig, Stage
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; more threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(teacher, student factory): a tiny Llama and fresh copies of its converted student (layers 0, 2 mixers)."""
+    teacher = tiny_model("llama", seed=0)
+    student = convert(teacher, tokenizer=char_tokenizer(), attention_layers=[1, 3])
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def fresh():
+        student.load_state_dict(state)
+        return student.train()
+
+    return teacher, fresh
+
+
+def make_stage(name: str, **fields) -> Stage:
+    return Stage(name=name, tokens=1024, global_batch_tokens=64, lr=1e-2, **fields)
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 78, (2, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_kl_matches_torch_kl_div_and_vanishes_for_equal_logits():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    got = kd_loss(student, teacher, ids, LossConfig(kind="forward_kl"))["loss"]
+    oracle = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum") / 10
+    assert got.item() == pytest.approx(oracle.item(), rel=1e-5)
+    assert kd_loss(teacher, teacher, ids, LossConfig())["loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reverse_kl_swaps_the_roles_and_temperature_scales_by_t_squared():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(1, 4, 7), torch.randn(1, 4, 7)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    reverse = kd_loss(student, teacher, ids, LossConfig(kind="reverse_kl"))["loss"]
+    swapped = kd_loss(teacher, student, ids, LossConfig(kind="forward_kl"))["loss"]
+    assert reverse.item() == pytest.approx(swapped.item(), rel=1e-5)
+    hot = kd_loss(student, teacher, ids, LossConfig(temperature=2.0))["loss"]
+    manual = kd_loss(student / 2, teacher / 2, ids, LossConfig())["loss"] * 4
+    assert hot.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_masked_positions_do_not_count_and_ce_is_the_next_token_cross_entropy():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(1, 6, 9), torch.randn(1, 6, 9)
+    ids = torch.randint(0, 9, (1, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    masked = kd_loss(student, teacher, ids, LossConfig(), attention_mask=mask)["kl"]
+    changed = student.clone()
+    changed[:, 4:] += 10
+    assert kd_loss(changed, teacher, ids, LossConfig(), attention_mask=mask)["kl"].item() == pytest.approx(
+        masked.item()
+    )
+    assert kd_loss(student[:, :4], teacher[:, :4], ids[:, :4], LossConfig())["kl"].item() == pytest.approx(
+        masked.item(), rel=1e-5
+    )
+    out = kd_loss(student, teacher, ids, LossConfig(ce_weight=0.5))
+    ce = F.cross_entropy(student[0, :-1], ids[0, 1:])
+    assert out["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["kl"].item() + 0.5 * ce.item(), rel=1e-5)
+
+
+def train(objective, teacher, steps: int = 25, lr: float = 1e-2) -> list[float]:
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        ids = batch(step % 3)
+        loss = objective(ids, objective.teacher_targets(teacher, ids))["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_matrix_stage_trains_only_mixers_from_the_converted_layers_attention(pair):
+    teacher, fresh = pair
+    student = fresh()
+    objective = build_objective(make_stage("matrix"), student)
+    targets = objective.teacher_targets(teacher, batch())
+    assert sorted(targets) == [0, 2]
+    assert targets[0].probs.shape == (2, 4, 32, 32)
+    assert trainable_names(student) and all(".mixer." in n for n in trainable_names(student))
+    losses = train(objective, teacher)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("trainable", ["mixers", "blocks"])
+def test_hidden_stage_matches_block_outputs_and_trains_what_the_recipe_says(pair, trainable):
+    teacher, fresh = pair
+    student = fresh()
+    objective = build_objective(make_stage("hidden", trainable=trainable), student)
+    names = trainable_names(student)
+    assert all(n.startswith(("model.layers.0.", "model.layers.2.")) for n in names)
+    assert any(".mlp." in n for n in names) == (trainable == "blocks")
+    losses = train(objective, teacher)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_logits_stage_with_mixers_lowers_the_kl(pair):
+    teacher, fresh = pair
+    student = fresh()
+    objective = build_objective(make_stage("logits"), student)
+    assert all(".mixer." in n for n in trainable_names(student))
+    losses = train(objective, teacher)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_lora_adapters_train_and_merge_into_a_plain_student(pair):
+    teacher, fresh = pair
+    student = fresh()
+    stage = make_stage("logits", trainable={"lora": {"r": 4, "target_modules": ["in_proj", "out_proj"]}})
+    objective = build_objective(stage, student)
+    assert isinstance(objective.student, PeftModel)
+    assert trainable_names(objective) and all("lora_" in n for n in trainable_names(objective))
+    losses = train(objective, teacher, steps=15)
+    assert losses[-1] < losses[0]
+    ids = batch(7)
+    with torch.no_grad():
+        adapted = objective.student(input_ids=ids).logits
+        plain = trained_student(objective, student)
+        merged = plain(input_ids=ids).logits
+    assert not isinstance(plain, PeftModel)
+    assert not any("lora" in k for k in plain.state_dict())
+    assert sorted(mixer_layers(plain)) == [0, 2]
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)

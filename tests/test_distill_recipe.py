@@ -1,0 +1,173 @@
+"""The recipe schema: strict keys named by dotted path, --set, cross-field checks, schedules, sizing."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ssmify.distill.budget import fit_to_time, stage_seconds
+from ssmify.distill.loop import plan_stage
+from ssmify.distill.recipe import Schedule, load_recipe, parse_recipe
+from ssmify.distill.schedules import lr_factor
+from ssmify.errors import SsmifyError
+
+
+def minimal(**stage_fields) -> dict:
+    stage = {"name": "logits", "tokens": 4096, "global_batch_tokens": 512, "lr": 1.0e-3, **stage_fields}
+    return {
+        "teacher": "teacher-dir",
+        "student": {"path": "student-dir"},
+        "data": {"train": ["corpus/*.txt"], "seq_len": 128},
+        "output_dir": "runs/x",
+        "stages": [stage],
+    }
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(SsmifyError) as info:
+        parse_recipe(raw, source="recipe.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_minimal_recipe_parses_with_defaults():
+    recipe = parse_recipe(minimal())
+    assert recipe.stages[0].trainable == "mixers"
+    assert recipe.stages[0].schedule.kind == "constant"
+    assert recipe.data.validation_fraction == 0.02
+
+
+def test_a_misspelt_key_is_named_by_its_dotted_path_with_a_suggestion():
+    raw = minimal(lrr=1.0)
+    assert error_of(raw) == "recipe.yaml: stages.0.lrr: unknown key (did you mean lr?)"
+
+
+def test_a_misspelt_nested_key_in_a_union_branch_keeps_its_path():
+    raw = minimal(trainable={"lora": {"rank": 8}})
+    assert "stages.0.trainable.lora.rank: unknown key" in error_of(raw)
+    raw = minimal()
+    raw["data"]["train"] = [{"hub": "allenai/c4", "subsett": "en"}]
+    assert "data.train.0.subsett: unknown key (did you mean subset?)" in error_of(raw)
+
+
+def test_an_unknown_stage_name_lists_the_stages():
+    message = error_of(minimal(name="matrx"))
+    assert "stages.0.name: unknown stage 'matrx'; expected one of: matrix, hidden, logits" in message
+
+
+def test_a_missing_required_key_is_named():
+    raw = minimal()
+    del raw["output_dir"]
+    assert "output_dir: required key is missing" in error_of(raw)
+
+
+def test_a_token_budget_smaller_than_one_batch_is_refused():
+    message = error_of(minimal(tokens=100))
+    assert "stages.0.tokens: 100 is smaller than one batch (global_batch_tokens 512)" in message
+
+
+def test_a_global_batch_that_is_not_whole_sequences_is_refused():
+    assert "stages.0.global_batch_tokens: 500 is not a multiple of seq_len 128" in error_of(
+        minimal(global_batch_tokens=500, tokens=5000)
+    )
+
+
+def test_stage_specific_fields_are_checked_against_the_stage():
+    assert "stages.0.loss: only the logits stage" in error_of(
+        minimal(name="hidden", loss={"kind": "forward_kl"})
+    )
+    assert "stages.0.trainable: the matrix stage trains the mixers only" in error_of(
+        minimal(name="matrix", trainable="all")
+    )
+
+
+def test_student_takes_a_path_or_convert_options_but_not_both():
+    raw = minimal()
+    raw["student"] = {"path": "x", "keep_attention": 0.5}
+    assert "student: " in error_of(raw) and "not both" in error_of(raw)
+    raw["student"] = {"keep_attention": 0.25, "mixer": "mamba2"}
+    assert parse_recipe(raw).student.convert_kwargs() == {"keep_attention": 0.25, "mixer": "mamba2"}
+
+
+def test_yaml_no_means_no_mixed_precision():
+    raw = yaml.safe_load("mixed_precision: no")
+    recipe = parse_recipe({**minimal(), **raw})
+    assert recipe.mixed_precision == "no"
+
+
+def test_set_overrides_take_yaml_types_and_reach_into_lists(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    recipe = load_recipe(
+        path, ["stages.0.lr=2.5e-4", "stages.0.schedule.kind=wsd", "seed=7", "data.train=[a.txt, b.txt]"]
+    )
+    assert recipe.stages[0].lr == 2.5e-4
+    assert recipe.stages[0].schedule.kind == "wsd"
+    assert recipe.seed == 7
+    assert recipe.data.train == ["a.txt", "b.txt"]
+
+
+def test_set_errors_name_the_override(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    with pytest.raises(SsmifyError, match=r"--set stages.3.lr: stages.3: no such list index"):
+        load_recipe(path, ["stages.3.lr=1"])
+    with pytest.raises(SsmifyError, match=r"stages.0.lrr: unknown key \(did you mean lr\?\)"):
+        load_recipe(path, ["stages.0.lrr=1"])
+    with pytest.raises(SsmifyError, match="expected dotted.key=value"):
+        load_recipe(path, ["seed"])
+
+
+def test_unreadable_recipe_files_are_one_line_errors(tmp_path):
+    with pytest.raises(SsmifyError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(SsmifyError, match=r"bad.yaml: not valid YAML \(line"):
+        load_recipe(bad)
+
+
+def test_accumulation_is_derived_from_the_global_batch_and_the_process_count():
+    recipe = parse_recipe(minimal(micro_batch_size=2))  # 512 tokens = 4 sequences of 128
+    assert plan_stage(recipe, 0, 1).accumulation == 2
+    assert plan_stage(recipe, 0, 2).accumulation == 1
+    assert plan_stage(recipe, 0, 2).steps == 8
+    with pytest.raises(
+        SsmifyError, match=r"stages.0.global_batch_tokens: 512 is not a multiple of .* 2 x 128 x 4"
+    ):
+        plan_stage(recipe, 0, 4)
+
+
+def test_wsd_warms_up_holds_then_decays():
+    schedule = Schedule(kind="wsd", warmup=0.1, decay=0.2)
+    factors = [lr_factor(schedule, step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(f == 1.0 for f in factors[10:80])
+    decay = factors[80:]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and decay[-1] < 0.1
+
+
+def test_cosine_falls_monotonically_to_the_floor_and_constant_stays():
+    cosine = Schedule(kind="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(cosine, step, 50) for step in range(50)]
+    assert factors[0] == 1.0 and all(a > b for a, b in zip(factors, factors[1:]))
+    assert 0.1 < factors[-1] < 0.11
+    assert {lr_factor(Schedule(), step, 10) for step in range(10)} == {1.0}
+
+
+def test_fit_to_time_scales_every_stage_to_the_time_budget():
+    raw = minimal()
+    raw["stages"] = [
+        {"name": "matrix", "tokens": 10_000, "global_batch_tokens": 512, "lr": 1e-3, "seq_len": 64},
+        {"name": "logits", "tokens": 40_000, "global_batch_tokens": 512, "lr": 1e-3},
+    ]
+    recipe = parse_recipe(raw)
+    fitted = fit_to_time(recipe, seconds=600, forward_tokens_per_s=250)
+    total = sum(stage_seconds(s, s.tokens, s.seq_len or 128, 250) for s in fitted.stages)
+    assert 540 <= total <= 600
+    assert all(s.tokens % s.global_batch_tokens == 0 for s in fitted.stages)
+    ratio = [f.tokens / s.tokens for f, s in zip(fitted.stages, recipe.stages)]
+    assert ratio[0] == pytest.approx(ratio[1], rel=0.05)
+    tiny = fit_to_time(recipe, seconds=1, forward_tokens_per_s=250)
+    assert [s.tokens for s in tiny.stages] == [512, 512]
