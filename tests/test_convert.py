@@ -325,3 +325,18 @@ def test_probed_attention_probabilities_reproduce_each_familys_attention_output(
     torch.testing.assert_close(heads_out, seen[0], rtol=1e-5, atol=1e-5)
     target = teacher_head_rms(weights, probe.inputs, probe.probs)
     torch.testing.assert_close(target, head_rms(seen[0], weights.num_heads), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,keep", [("llama", 0.0), ("gemma2", 0.5)])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(family, keep):
+    student = ssmify.convert(tiny_model(family), keep_attention=keep)
+    long, short = torch.randint(3, 120, (1, 12)), torch.randint(3, 120, (1, 7))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    settings = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        together = student.generate(batch, attention_mask=mask, **settings)
+        alone = [student.generate(p, **settings)[0, p.shape[1] :] for p in (long, short)]
+    assert torch.equal(together[0, 12:], alone[0])
+    assert torch.equal(together[1, 12:], alone[1])

@@ -123,7 +123,7 @@ class MixerAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         cache = kwargs.get("cache", kwargs.get("layer_past"))  # gpt_neox names it layer_past
         if cache is None:
-            return self.mixer(hidden_states), None
+            return self.mixer(hidden_states, mask=padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])), None
         slot = mixer_cache_layer(cache, self.layer_idx)
         length = hidden_states.shape[1]
         if slot.state is None:
@@ -131,9 +131,29 @@ class MixerAttention(nn.Module):
         if slot.seen_tokens > 0 and length == 1:
             out = self.mixer.step(hidden_states, slot.state)
         else:
-            out = self.mixer(hidden_states, slot.state)
+            mask = padding_mask(kwargs.get("attention_mask"), length)
+            out = self.mixer(hidden_states, slot.state, mask=mask)
         slot.seen_tokens += length
         return out, None
+
+
+def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """(batch, length) 1/0 for real/padded query positions, read off the mask a block hands to attention.
+
+    A 4-D mask (bool: True attends; float: 0 attends) says whether each query attends to itself; a 2-D
+    mask (flash attention) is the padding mask itself. None when nothing is padded.
+    """
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() == 2:
+        keep = attention_mask[:, -length:].bool()
+    elif attention_mask.dim() == 4:
+        offset = attention_mask.shape[-1] - length
+        diagonal = attention_mask[:, 0, :, offset:].diagonal(dim1=-2, dim2=-1)
+        keep = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    else:
+        return None
+    return None if bool(keep.all()) else keep
 
 
 class SsmifyConfig(PreTrainedConfig):

@@ -96,13 +96,22 @@ class SSDMixer(nn.Module):
         return y + x * self.D[:, None], final
 
     # --- the three paths ------------------------------------------------------------------------
-    def forward(self, u: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
+    def forward(
+        self, u: torch.Tensor, state: MixerState | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """u (batch, length, d_model) -> (batch, length, d_model).
 
         With `state`, the sequence continues from it, and the state is updated in place (prefill).
+        `mask` (batch, length), 1 for real tokens and 0 for padding, keeps padded positions out of the
+        conv and the state, so a left-padded sequence ends in the same state as the unpadded one.
         """
         z, xBC, raw = self.project(u)
-        x, B, C = self.split_xbc(self.conv(xBC, state.conv if state is not None else None))
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        xBC = self.conv(xBC, state.conv if state is not None else None)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        x, B, C = self.split_xbc(xBC)
         initial = state.ssm if state is not None else None
         kernels = kernels_for(u)
         if kernels is not None:
