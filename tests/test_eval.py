@@ -136,6 +136,14 @@ def test_bad_data_files_get_one_line_errors(tmp_path):
         make_windows(torch.tensor([5]), 64)
 
 
+def test_windows_longer_than_the_model_context_are_refused():
+    long_windows = EvalData(char_tokenizer(), torch.full((1, 300), 5))
+    with pytest.raises(
+        SsmifyError, match=r"--seq-len 300 is longer than the model's max_position_embeddings \(256\)"
+    ):
+        perplexity(tiny_model("llama"), None, long_windows, QUIET)
+
+
 def test_text_tasks_need_data_and_agreement_needs_a_teacher():
     model = tiny_model("llama")
     with pytest.raises(SsmifyError, match="--data"):
@@ -225,7 +233,7 @@ def test_cli_writes_a_side_by_side_report(model_dirs, texts, tmp_path, capsys):
     argv += ["--tasks", "perplexity,agreement,alignment,recall,speed", "--out", str(out)]
     argv += [
         "--recall-lengths",
-        "48,64",
+        "64,96",
         "--recall-samples",
         "2",
         "--speed-lengths",
@@ -239,7 +247,7 @@ def test_cli_writes_a_side_by_side_report(model_dirs, texts, tmp_path, capsys):
     assert set(report["perplexity"]) >= {"value", "tokens", "seq_len", "teacher_value", "ratio"}
     assert set(report["agreement"]) >= {"kl", "top1"}
     assert [row["layer"] for row in report["alignment"]["layers"]] == [1, 3]
-    assert [p["length"] for p in report["recall"]["points"]] == [48, 64]
+    assert [p["length"] for p in report["recall"]["points"]] == [64, 96]
     assert [p["length"] for p in report["speed"]["points"]] == [16]
     windows = load_data([str(p) for p in texts], char_tokenizer(), seq_len=64).windows
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher)

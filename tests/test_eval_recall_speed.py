@@ -15,21 +15,30 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 from ssmify.convert import convert
 from ssmify.eval.data import EvalData
 from ssmify.eval.options import EvalOptions
-from ssmify.eval.recall import make_sample, ordinary_tokens, recall, split_pools
+from ssmify.eval.recall import RecallFormat, make_sample, ordinary_tokens, recall, separator, split_pools
 from ssmify.eval.speed import speed, tensor_bytes
 
 RECALL = EvalOptions(recall_lengths=(48, 128, 256, 512), recall_samples=3, recall_queries=8, progress=False)
 
 
-def test_recall_sample_layout_is_pairs_then_queries_of_their_values():
+@pytest.mark.parametrize("separator_id", [None, 7])
+def test_recall_sample_layout_is_pairs_then_queries_of_their_values(separator_id):
     keys, values = torch.arange(10, 60), torch.arange(60, 110)
-    sample = make_sample(49, 4, keys, values, bos_id=1, generator=torch.Generator().manual_seed(0))
+    form = RecallFormat(bos_id=1, separator_id=separator_id)
+    sample = make_sample(50, 4, keys, values, form, torch.Generator().manual_seed(0))
     ids = sample.input_ids.tolist()
-    assert len(ids) == 49 and ids[0] == 1
-    pairs = dict(zip(ids[1:41:2], ids[2:42:2]))  # BOS, then 20 pairs (48 - 8 query tokens = 40)
-    assert len(pairs) == 20 and all(k in range(10, 60) and v in range(60, 110) for k, v in pairs.items())
+    width = 2 if separator_id is None else 3
+    pairs_end = 50 - width * 4
+    filler = (50 - 1) % width
+    assert len(ids) == 50 and ids[0] == 1 and all(60 <= t < 110 for t in ids[1 : 1 + filler])
+    body = ids[1 + filler : pairs_end]
+    pairs = dict(zip(body[0::width], body[1::width]))
+    assert len(pairs) == len(body) // width == form.pair_count(50, 4)
+    assert all(k in range(10, 60) and v in range(60, 110) for k, v in pairs.items())
+    if separator_id is not None:
+        assert body[2::3] == [separator_id] * len(pairs) and ids[-1] == separator_id
     for position, answer in zip(sample.query_positions.tolist(), sample.answers.tolist()):
-        assert pairs[ids[position]] == answer and ids[position + 1] == answer
+        assert position >= pairs_end and pairs[ids[position]] == answer and ids[position + 1] == answer
 
 
 def test_recall_oracle_scores_one_and_a_wrong_oracle_zero_with_honest_skips():
@@ -41,25 +50,30 @@ def test_recall_oracle_scores_one_and_a_wrong_oracle_zero_with_honest_skips():
     reasons = {s["length"]: s["reason"] for s in oracle["skipped"]}
     assert reasons[256].startswith("needs 119 distinct keys")  # 127 ordinary ids (all but BOS): 63 keys
     assert reasons[512] == "beyond max_position_embeddings=256"
+    separated = EvalOptions(recall_lengths=(48, 96), recall_samples=2, recall_queries=4, progress=False)
+    result = recall(RecallOracle(), None, EvalData(char_tokenizer()), separated)
+    assert result["separated"] and [p["accuracy"] for p in result["points"]] == [1.0, 1.0]
 
 
-def test_recall_pools_avoid_special_tokens():
+def test_recall_pools_avoid_special_tokens_and_the_separator_is_a_comma():
     tokenizer = char_tokenizer()
     model = tiny_model("llama")
     tokens = ordinary_tokens(tokenizer, model)
     assert set(tokens.tolist()) == set(range(4, len(tokenizer)))
     keys, values = split_pools(tokens, torch.Generator().manual_seed(0))
     assert not set(keys.tolist()) & set(values.tolist())
+    assert separator(tokenizer) == tokenizer.convert_tokens_to_ids(",")
 
 
 def test_recall_runs_on_a_tiny_model_with_the_documented_keys():
     options = EvalOptions(recall_lengths=(40, 64), recall_samples=2, recall_queries=4, progress=False)
     result = recall(tiny_model("llama"), tiny_model("llama", seed=1), EvalData(char_tokenizer()), options)
-    assert set(result) == {"points", "skipped", "samples", "queries_per_sample", "chance"}
+    assert set(result) == {"points", "skipped", "samples", "queries_per_sample", "chance", "separated"}
     for point in result["points"]:
         assert set(point) == {"length", "pairs", "queries", "accuracy", "teacher_accuracy"}
         assert 0.0 <= point["accuracy"] <= 1.0 and 0.0 <= point["teacher_accuracy"] <= 1.0
-    assert result["chance"] == pytest.approx(1 / 37)  # 74 ordinary characters, half of them values
+    assert result["chance"] == pytest.approx(1 / 37)  # 74 ordinary characters but ",": 36 keys, 37 values
+    assert result["separated"]
 
 
 def tiny_mamba2() -> Mamba2ForCausalLM:

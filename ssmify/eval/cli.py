@@ -54,7 +54,16 @@ def register(subparsers) -> None:
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="for recall samples and speed contexts"
+    )
+    alignment = parser.add_argument_group("alignment")
+    alignment.add_argument(
+        "--alignment-windows", type=int, default=defaults.alignment_windows, help="windows compared"
+    )
+    alignment.add_argument(
+        "--alignment-seq-len", type=int, default=defaults.alignment_seq_len, help="tokens per window (O(L^2))"
+    )
     recall = parser.add_argument_group("recall")
     recall.add_argument("--recall-lengths", type=_lengths, default=RECALL_LENGTHS, metavar="N,N,...")
     recall.add_argument(
@@ -84,6 +93,8 @@ def _check_positive(args: argparse.Namespace) -> None:
     for flag in (
         "seq_len",
         "batch_size",
+        "alignment_windows",
+        "alignment_seq_len",
         "recall_samples",
         "recall_queries",
         "decode_tokens",
@@ -111,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
+        alignment_windows=args.alignment_windows,
+        alignment_seq_len=args.alignment_seq_len,
         recall_lengths=args.recall_lengths,
         recall_samples=args.recall_samples,
         recall_queries=args.recall_queries,

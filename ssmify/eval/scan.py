@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ssmify.errors import SsmifyError
+from ssmify.eval.checks import require_teacher
 
 
 @dataclass
@@ -33,6 +34,15 @@ class WindowSums:
 def vocab_size(model: PreTrainedModel) -> int:
     """The number of logits the model returns (the embedding rows, padding included)."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest context the model's config declares, if it declares one."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 @torch.no_grad()
@@ -57,8 +67,13 @@ def kl_and_top1(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
     return kl, int(top1)
 
 
-def check_token_ids(model: PreTrainedModel, windows: torch.Tensor, name: str) -> None:
-    """Token ids the model has no embedding for mean the data was tokenized for another model."""
+def check_windows(model: PreTrainedModel, windows: torch.Tensor, name: str) -> None:
+    """Windows longer than the model's context, or token ids it has no embedding for, are input errors."""
+    limit = max_positions(model)
+    if limit is not None and windows.shape[1] > limit:
+        raise SsmifyError(
+            f"--seq-len {windows.shape[1]} is longer than the {name}'s max_position_embeddings ({limit})"
+        )
     size = vocab_size(model)
     if windows.numel() and int(windows.max()) >= size:
         raise SsmifyError(
@@ -86,9 +101,11 @@ def scan_windows(
     progress: bool = True,
 ) -> WindowSums:
     """Sum NLL (and, with a teacher, the teacher's NLL; with agreement, KL and top-1) over all windows."""
-    check_token_ids(model, windows, "model")
+    check_windows(model, windows, "model")
+    if agreement:
+        require_teacher(teacher, "agreement")
     if teacher is not None:
-        check_token_ids(teacher, windows, "teacher")
+        check_windows(teacher, windows, "teacher")
         if agreement:
             check_same_vocab(model, teacher)
     count, seq_len = windows.shape

@@ -32,7 +32,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from ssmify.eval.data import EvalData
 from ssmify.eval.options import EvalOptions
-from ssmify.eval.recall import max_positions, ordinary_tokens
+from ssmify.eval.recall import ordinary_tokens
+from ssmify.eval.scan import max_positions
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def speed(
                     {"length": length, "model": name, "reason": "a shorter length failed"}
                 )
                 continue
+            log.info("speed: %s at %d tokens", name, length)
             try:
                 measured = measure(each, context, options.decode_tokens)
             except (torch.OutOfMemoryError, MemoryError, IndexError, RuntimeError) as err:
@@ -240,6 +242,8 @@ def speed(
                 result["skipped"].append({"length": length, "model": name, "reason": reason})
                 failed.add(name)
                 gc.collect()
+                if each.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             prefix = "" if name == "student" else "teacher_"
             point.update({prefix + key: value for key, value in measured.items()})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel
@@ -18,8 +17,6 @@ from ssmify.eval.perplexity import perplexity_result
 from ssmify.eval.recall import recall
 from ssmify.eval.scan import scan_windows
 from ssmify.eval.speed import speed
-
-log = logging.getLogger(__name__)
 
 LM_EVAL_PREFIX = "lm-eval:"
 
