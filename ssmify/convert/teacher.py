@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-
 import torch
 import transformers
 from huggingface_hub import constants as hub_constants
