@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ssmify.atomic import atomic_directory, is_nonempty_dir
@@ -23,7 +23,7 @@ from ssmify.convert.plan import LayerPlan
 from ssmify.convert.probes import teacher_attention
 from ssmify.convert.seed import calibrate_mixer, mixer_settings, seed_mixer, teacher_head_rms
 from ssmify.convert.student import MODEL_TYPE, build_student, mixer_layers
-from ssmify.convert.teacher import load_teacher, resolve_dtype
+from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.mixers import MIXERS
 
@@ -68,25 +68,25 @@ def convert(
 
     if isinstance(teacher, PreTrainedModel):
         model, source = teacher, getattr(teacher, "name_or_path", "") or "<in-memory model>"
+        plan = _check_plan(source, model.config, attention_layers, keep_attention)
     else:
-        model, loaded_tokenizer = load_teacher(
-            teacher, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-        tokenizer, source = tokenizer or loaded_tokenizer, str(teacher)
+        source = str(teacher)
+        # Everything that can be checked from config.json is checked before the weights load.
+        config = load_config(teacher, trust_remote_code)
+        plan = _check_plan(source, config, attention_layers, keep_attention)
+        model, loaded = load_teacher(teacher, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer or loaded
     model.eval()
-    if model.config.model_type == MODEL_TYPE:
-        raise SsmifyError(f"{source}: is already an ssmify student; convert its teacher instead")
     family = model.config.model_type
     adapter = get_adapter(family)
     blocks = adapter.decoder_layers(model)
-    plan = LayerPlan.from_args(len(blocks), attention_layers, keep_attention)
     log.info("plan: %s", plan.describe())
 
     first = adapter.read_attention(getattr(blocks[0], adapter.attention_attr))
     block = {
         "base_model_type": family,
         "mixer": mixer,
-        "mixer_config": mixer_settings(mixer, first, chunk_size),
+        "mixer_config": mixer_settings(mixer, first, chunk_size, norm_eps=_norm_eps(model.config)),
         "attention_layers": list(plan.attention_layers),
     }
     torch.manual_seed(seed)
@@ -150,6 +150,24 @@ def convert(
         save_student(student, out, tokenizer=tokenizer, report=report, overwrite=overwrite)
     student.convert_report = report
     return student
+
+
+def _check_plan(
+    source: str, config: PretrainedConfig, attention_layers: list[int] | None, keep_attention: float | None
+) -> LayerPlan:
+    """The layer plan, once the family is known to be supported."""
+    if config.model_type == MODEL_TYPE:
+        raise SsmifyError(f"{source}: is already an ssmify student; convert its teacher instead")
+    get_adapter(config.model_type)
+    return LayerPlan.from_args(config.num_hidden_layers, attention_layers, keep_attention)
+
+
+def _norm_eps(config: PretrainedConfig) -> float:
+    """The teacher's own norm epsilon, so that the mixer's gated norm matches what export targets use."""
+    for name in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
+        if isinstance(getattr(config, name, None), float):
+            return getattr(config, name)
+    return 1e-5
 
 
 def _copy_teacher_weights(

@@ -28,9 +28,11 @@ from ssmify.mixers import DiscreteMamba2, Mamba2, SSDMixer
 SILU_ONE = 1.2784645427610738  # silu(SILU_ONE) == 1: a pass-through gate
 
 
-def mixer_settings(mixer: str, weights: AttentionWeights, chunk_size: int = 64) -> dict:
+def mixer_settings(
+    mixer: str, weights: AttentionWeights, chunk_size: int = 64, norm_eps: float = 1e-5
+) -> dict:
     """The mixer config that can hold one teacher attention layer exactly (bias on: the gate needs it)."""
-    return {
+    settings = {
         "d_model": weights.hidden_size,
         "n_heads": weights.num_heads,
         "head_dim": weights.head_dim,
@@ -41,6 +43,9 @@ def mixer_settings(mixer: str, weights: AttentionWeights, chunk_size: int = 64) 
         "bc_norm": weights.qk_norm,
         "bc_norm_eps": weights.qk_norm_eps if weights.qk_norm else 1e-6,
     }
+    if mixer == "mamba2":
+        settings["norm_eps"] = norm_eps
+    return settings
 
 
 def _per_head(weights: AttentionWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -123,7 +123,9 @@ class MixerAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         cache = kwargs.get("cache", kwargs.get("layer_past"))  # gpt_neox names it layer_past
         if cache is None:
-            return self.mixer(hidden_states, mask=padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])), None
+            return self.mixer(
+                hidden_states, mask=padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
+            ), None
         slot = mixer_cache_layer(cache, self.layer_idx)
         length = hidden_states.shape[1]
         if slot.state is None:

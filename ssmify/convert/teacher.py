@@ -112,6 +112,18 @@ def load_teacher(
     return model, tokenizer
 
 
+def load_config(source: str | os.PathLike, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """The config of the model at `source`, without loading its weights: enough to validate a plan cheaply."""
+    where = locate(source)
+    if where.kind == "gguf":
+        gguf = Path(where.location)
+        try:
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except (ValueError, OSError, KeyError, IndexError, struct.error) as err:
+            raise SsmifyError(f"{gguf}: could not read its config: {_first_line(err)}") from err
+    return _load_config(where, trust_remote_code)
+
+
 def load_tokenizer(
     source: str | os.PathLike | TeacherSource, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase | None:
