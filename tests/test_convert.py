@@ -130,9 +130,18 @@ def test_seeded_conv_is_identity_and_gate_passes_through(mixer):
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "discrete_mamba2"])
-def test_calibration_sets_each_heads_output_scale_to_the_teachers(mixer):
+def test_calibration_picks_each_heads_best_decay_and_matches_its_output_scale(mixer):
+    import copy
+
     from ssmify.convert.probes import teacher_attention
-    from ssmify.convert.seed import calibrate_mixer, head_rms, teacher_head_rms
+    from ssmify.convert.seed import (
+        DECAY_GRID,
+        calibrate_mixer,
+        head_rms,
+        mixer_head_outputs,
+        set_decay,
+        teacher_head_outputs,
+    )
 
     teacher = tiny_model("llama")
     student = ssmify.convert(teacher, keep_attention=0.0, mixer=mixer)
@@ -148,17 +157,25 @@ def test_calibration_sets_each_heads_output_scale_to_the_teachers(mixer):
         teacher(ids)
         handle.remove()
         probe = teacher_attention(teacher, ids, [2])[2]
-        target = teacher_head_rms(weights, probe.inputs, probe.probs)
+        target = teacher_head_outputs(weights, probe.inputs, probe.probs)
         # the target is what the teacher's heads really output, as its o_proj sees it
-        torch.testing.assert_close(target, head_rms(o_proj_inputs[0], 4), rtol=1e-5, atol=1e-6)
-        calibrate_mixer(m, probe.inputs, target)
-        seen = []
-        handle = m.out_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-        m(probe.inputs)
-        handle.remove()
-    torch.testing.assert_close(head_rms(seen[0], m.config.n_heads), target, rtol=1e-4, atol=0)
+        torch.testing.assert_close(target, o_proj_inputs[0], rtol=1e-5, atol=1e-5)
+        chosen = calibrate_mixer(m, probe.inputs, target)
+        out = mixer_head_outputs(m, probe.inputs)
+
+        def cosines(outputs):
+            a, b = outputs.unflatten(-1, (4, -1)), target.unflatten(-1, (4, -1))
+            return (a * b).sum((0, 1, 3)) / (a.square().sum((0, 1, 3)) * b.square().sum((0, 1, 3))).sqrt()
+
+        best = cosines(out)
+        for decay in DECAY_GRID:  # no decay on the grid points any head closer to its teacher head
+            trial = copy.deepcopy(m)
+            set_decay(trial, decay.expand(4))
+            assert torch.all(cosines(mixer_head_outputs(trial, probe.inputs)) <= best + 1e-6)
+    torch.testing.assert_close(head_rms(out, 4), head_rms(target, 4), rtol=1e-4, atol=0)
     assert torch.equal(m.out_proj.weight, out_proj)
-    assert target.std() > 0  # heads differ, so a single global scale would not pass
+    assert set(chosen["decay"].tolist()) <= set(DECAY_GRID.tolist())
+    assert head_rms(target, 4).std() > 0  # heads differ, so one global scale would not pass
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.5])
@@ -312,7 +329,6 @@ def test_cli_converts_and_reports_perplexity_before_training(tmp_path, teacher_d
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_probed_attention_probabilities_reproduce_each_familys_attention_output(family):
     from ssmify.convert.probes import teacher_attention
-    from ssmify.convert.seed import head_rms, teacher_head_rms
 
     teacher = tiny_model(family)
     adapter = get_adapter(family)
@@ -332,8 +348,6 @@ def test_probed_attention_probabilities_reproduce_each_familys_attention_output(
     values = weights.project(probe.inputs)[2].repeat_interleave(weights.num_heads // weights.num_kv_heads, 2)
     heads_out = torch.einsum("bhts,bshd->bthd", probe.probs, values).flatten(-2)
     torch.testing.assert_close(heads_out, seen[0], rtol=1e-5, atol=1e-5)
-    target = teacher_head_rms(weights, probe.inputs, probe.probs)
-    torch.testing.assert_close(target, head_rms(seen[0], weights.num_heads), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family,keep", [("llama", 0.0), ("gemma2", 0.5)])

@@ -21,7 +21,7 @@ from ssmify.atomic import atomic_directory, is_nonempty_dir
 from ssmify.convert.adapters import get_adapter
 from ssmify.convert.plan import LayerPlan
 from ssmify.convert.probes import teacher_attention
-from ssmify.convert.seed import calibrate_mixer, mixer_settings, seed_mixer, teacher_head_rms
+from ssmify.convert.seed import calibrate_mixer, mixer_settings, seed_mixer, teacher_head_outputs
 from ssmify.convert.student import MODEL_TYPE, build_student, mixer_layers
 from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
@@ -107,9 +107,8 @@ def convert(
         with torch.no_grad():
             probes = teacher_attention(model, calibration, plan.converted)
         for i, probe in probes.items():
-            calibrate_mixer(
-                mixers[i], probe.inputs, teacher_head_rms(attentions[i], probe.inputs, probe.probs)
-            )
+            target = teacher_head_outputs(attentions[i], probe.inputs, probe.probs)
+            calibrate_mixer(mixers[i], probe.inputs, target)
         log.info(
             "seeded %d mixers from attention and calibrated them on %d tokens",
             len(probes),

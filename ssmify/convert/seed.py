@@ -10,9 +10,9 @@ the gate passes through (z weights 0, z bias with silu(bias) = 1), dt does not d
 (dt weights 0) and its bias, A and D get the usual Mamba-2 initialisation.
 
 Linear attention has no softmax denominator, so its output scale is far from the teacher's.
-`calibrate_mixer` measures, on calibration text, each head's output RMS in teacher and student and
-rescales the student head: the gated-norm gain for mamba2, the constant gate silu(z bias) for
-discrete_mamba2 (which has no norm). out_proj stays W_O in both.
+`calibrate_mixer` fits, on calibration text, each head's decay (from a grid) and its output scale to the
+teacher head it came from: the scale goes into the gated-norm gain for mamba2 and into the constant
+gate silu(z bias) for discrete_mamba2 (which has no norm). out_proj stays W_O in both.
 """
 
 from __future__ import annotations
@@ -115,39 +115,78 @@ def seed_mixer(mixer: SSDMixer, weights: AttentionWeights) -> None:
 
 def head_rms(outputs: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Per-head RMS of (..., heads * head_dim) outputs, over everything but the head."""
-    per_head = outputs.float().unflatten(-1, (num_heads, -1)).transpose(0, -2).reshape(num_heads, -1)
-    return per_head.pow(2).mean(-1).sqrt()
+    return _by_head(outputs, num_heads).pow(2).mean(-1).sqrt()
 
 
-def teacher_head_rms(weights: AttentionWeights, inputs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """RMS of each teacher head's attention output (before W_O), from its probabilities and values."""
+def _by_head(outputs: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(..., heads * head_dim) -> (heads, everything else), fp32."""
+    return outputs.float().unflatten(-1, (num_heads, -1)).transpose(0, -2).reshape(num_heads, -1)
+
+
+def teacher_head_outputs(
+    weights: AttentionWeights, inputs: torch.Tensor, probs: torch.Tensor
+) -> torch.Tensor:
+    """Each teacher head's attention output before W_O, (B, L, H * d), from its probabilities and values."""
     v = _per_head(weights)["v"]
     values = F.linear(inputs, *v).unflatten(-1, (weights.num_heads, weights.head_dim))  # B L H d
-    out = torch.einsum("bhts,bshd->bthd", probs.to(values.dtype), values)
-    return head_rms(out.flatten(-2), weights.num_heads)
+    return torch.einsum("bhts,bshd->bthd", probs.to(values.dtype), values).flatten(-2)
 
 
-@torch.no_grad()
-def calibrate_mixer(mixer: SSDMixer, inputs: torch.Tensor, target_rms: torch.Tensor) -> torch.Tensor:
-    """Rescale each head so that its output RMS (before out_proj) on `inputs` equals `target_rms`.
-
-    Returns the factors applied (one per head).
-    """
+def mixer_head_outputs(mixer: SSDMixer, inputs: torch.Tensor) -> torch.Tensor:
+    """The mixer's per-head outputs before out_proj, (B, L, H * d)."""
     seen: list[torch.Tensor] = []
     handle = mixer.out_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         mixer(inputs.to(mixer.out_proj.weight.dtype))
     finally:
         handle.remove()
-    student_rms = head_rms(seen[0], mixer.config.n_heads)
-    factors = target_rms.to(student_rms) / student_rms.clamp(min=1e-12)
+    return seen[0]
+
+
+# Per-step decays a = exp(log_a) a head may start with: from forgetting in a few tokens to barely at all.
+DECAY_GRID = torch.tensor([0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9999])
+
+
+@torch.no_grad()
+def set_decay(mixer: SSDMixer, decay: torch.Tensor) -> None:
+    """Give each head a constant per-step decay (a seeded mixer's dt does not depend on its input)."""
+    rate = -torch.log(decay.double())  # -log a
+    if isinstance(mixer, Mamba2):
+        dt = rate / torch.exp(mixer.A_log.double())  # log a = -dt * A
+        mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    else:  # log a = -softplus(bias)
+        rows = mixer.in_proj.bias[4 * mixer.inner :]
+        rows.copy_(rate + torch.log(-torch.expm1(-rate)))
+
+
+@torch.no_grad()
+def calibrate_mixer(mixer: SSDMixer, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fit each seeded head to the teacher head it came from, on calibration `inputs`.
+
+    `target` holds the teacher's per-head outputs (B, L, H * d) on those inputs. Per head, the decay
+    is the one from DECAY_GRID whose output points most nearly the teacher's way (largest cosine),
+    then the scale makes the output RMS equal the teacher's: the gated-norm gain for mamba2, the
+    constant gate silu(z bias) for discrete_mamba2 (which has no norm). out_proj stays W_O.
+    Returns the chosen decays and scale factors.
+    """
+    heads = mixer.config.n_heads
+    teacher = _by_head(target, heads)
+    cosines = []
+    for decay in DECAY_GRID:
+        set_decay(mixer, decay.expand(heads))
+        ours = _by_head(mixer_head_outputs(mixer, inputs), heads)
+        cosines.append(F.cosine_similarity(ours, teacher, dim=-1))
+    decay = DECAY_GRID[torch.stack(cosines).argmax(0)]
+    set_decay(mixer, decay)
+
+    factors = head_rms(target, heads) / head_rms(mixer_head_outputs(mixer, inputs), heads).clamp(min=1e-12)
     per_channel = factors.repeat_interleave(mixer.config.head_dim)
     if isinstance(mixer, Mamba2):
         mixer.norm.weight.mul_(per_channel.to(mixer.norm.weight.dtype))
-    else:  # no norm: the constant gate silu(z bias) carries the scale, and out_proj stays W_O
+    else:
         z = mixer.in_proj.bias[3 * mixer.inner : 4 * mixer.inner]
         z.copy_(inverse_silu(F.silu(z.float()) * per_channel).to(z.dtype))
-    return factors
+    return {"decay": decay, "scale": factors}
 
 
 def inverse_silu(y: torch.Tensor) -> torch.Tensor:
