@@ -135,3 +135,22 @@ def test_streamed_blocks_match_the_packed_ones_and_replay_after_a_restart(tmp_pa
     assert torch.equal(stream.take(4, 2), packed[4:6])  # going back restarts the stream and skips ahead
     assert torch.equal(stream.first(3), packed[:3])
     assert np.array_equal(data_module.pack([np.arange(5), np.arange(5, 12)], 4).__next__(), np.arange(4))
+
+
+def test_a_streamed_hub_dataset_holds_out_what_the_same_local_file_holds_out(tmp_path, tokenizer):
+    folder = tmp_path / "hub-dataset"  # load_dataset reads a local folder as it reads a hub repository
+    folder.mkdir()
+    docs = (write_corpus(tmp_path / "c.txt", 80).read_text()).split("\n\n")
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    local = load_data(
+        config(tmp_path, train=[str(folder / "train.jsonl")], validation_fraction=0.2), tokenizer, 16, 0
+    )
+    hub = config(
+        tmp_path, train=[{"hub": str(folder), "streaming": True}], validation_fraction=0.2, shuffle_buffer=8
+    )
+    streamed = load_data(hub, tokenizer, 16, 0)
+    assert isinstance(streamed.train, StreamedBlocks)
+    assert torch.equal(streamed.validation.first(1000), local.validation.first(1000))
+    first = streamed.train.take(0, 12)
+    assert torch.equal(load_data(hub, tokenizer, 16, 0).train.take(0, 12), first)
+    assert not torch.equal(first, local.train.first(12))  # the stream is shuffled through its buffer

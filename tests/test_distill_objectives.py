@@ -26,7 +26,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pair():
-    """(teacher, student factory): a tiny Llama and fresh copies of its converted student (layers 0, 2 mixers)."""
+    """(teacher, student factory): a tiny Llama and fresh copies of its student (mixers in layers 0 and 2)."""
     teacher = tiny_model("llama", seed=0)
     student = convert(teacher, tokenizer=char_tokenizer(), attention_layers=[1, 3])
     state = {k: v.clone() for k, v in student.state_dict().items()}
@@ -88,7 +88,7 @@ def test_masked_positions_do_not_count_and_ce_is_the_next_token_cross_entropy():
     assert out["loss"].item() == pytest.approx(out["kl"].item() + 0.5 * ce.item(), rel=1e-5)
 
 
-def train(objective, teacher, steps: int = 25, lr: float = 1e-2) -> list[float]:
+def train(objective, teacher, steps: int = 30, lr: float = 1e-2) -> list[float]:
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     losses = []
@@ -102,6 +102,22 @@ def train(objective, teacher, steps: int = 25, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def fell(losses: list[float], by: float) -> bool:
+    """Whether the mean of the last five losses is below (1 - by) times the first loss."""
+    return sum(losses[-5:]) / 5 < (1 - by) * losses[0]
+
+
+def teacher_passes(teacher, objective, ids) -> tuple[int, dict]:
+    """How many forward passes of the whole teacher one call of teacher_targets makes, and the targets."""
+    calls = []
+    handle = teacher.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        targets = objective.teacher_targets(teacher, ids)
+    finally:
+        handle.remove()
+    return len(calls), targets
+
+
 def trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -110,12 +126,11 @@ def test_matrix_stage_trains_only_mixers_from_the_converted_layers_attention(pai
     teacher, fresh = pair
     student = fresh()
     objective = build_objective(make_stage("matrix"), student)
-    targets = objective.teacher_targets(teacher, batch())
-    assert sorted(targets) == [0, 2]
+    passes, targets = teacher_passes(teacher, objective, batch())
+    assert passes == 1 and sorted(targets) == [0, 2]
     assert targets[0].probs.shape == (2, 4, 32, 32)
     assert trainable_names(student) and all(".mixer." in n for n in trainable_names(student))
-    losses = train(objective, teacher)
-    assert losses[-1] < 0.5 * losses[0]
+    assert fell(train(objective, teacher), by=0.2)
 
 
 @pytest.mark.parametrize("trainable", ["mixers", "blocks"])
@@ -123,11 +138,12 @@ def test_hidden_stage_matches_block_outputs_and_trains_what_the_recipe_says(pair
     teacher, fresh = pair
     student = fresh()
     objective = build_objective(make_stage("hidden", trainable=trainable), student)
+    passes, targets = teacher_passes(teacher, objective, batch())
+    assert passes == 1 and sorted(targets) == [0, 2]
     names = trainable_names(student)
     assert all(n.startswith(("model.layers.0.", "model.layers.2.")) for n in names)
     assert any(".mlp." in n for n in names) == (trainable == "blocks")
-    losses = train(objective, teacher)
-    assert losses[-1] < 0.5 * losses[0]
+    assert fell(train(objective, teacher, lr=3e-3), by=0.2)
 
 
 def test_logits_stage_with_mixers_lowers_the_kl(pair):
@@ -135,8 +151,7 @@ def test_logits_stage_with_mixers_lowers_the_kl(pair):
     student = fresh()
     objective = build_objective(make_stage("logits"), student)
     assert all(".mixer." in n for n in trainable_names(student))
-    losses = train(objective, teacher)
-    assert losses[-1] < 0.7 * losses[0]
+    assert fell(train(objective, teacher), by=0.3)
 
 
 def test_lora_adapters_train_and_merge_into_a_plain_student(pair):
@@ -146,8 +161,7 @@ def test_lora_adapters_train_and_merge_into_a_plain_student(pair):
     objective = build_objective(stage, student)
     assert isinstance(objective.student, PeftModel)
     assert trainable_names(objective) and all("lora_" in n for n in trainable_names(objective))
-    losses = train(objective, teacher, steps=15)
-    assert losses[-1] < losses[0]
+    assert fell(train(objective, teacher, steps=15), by=0.1)
     ids = batch(7)
     with torch.no_grad():
         adapted = objective.student(input_ids=ids).logits

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -159,15 +161,48 @@ def test_cosine_falls_monotonically_to_the_floor_and_constant_stays():
 def test_fit_to_time_scales_every_stage_to_the_time_budget():
     raw = minimal()
     raw["stages"] = [
-        {"name": "matrix", "tokens": 10_000, "global_batch_tokens": 512, "lr": 1e-3, "seq_len": 64},
-        {"name": "logits", "tokens": 40_000, "global_batch_tokens": 512, "lr": 1e-3},
+        {"name": "matrix", "tokens": 512 * 100, "global_batch_tokens": 512, "lr": 1e-3, "seq_len": 64},
+        {"name": "logits", "tokens": 512 * 400, "global_batch_tokens": 512, "lr": 1e-3},
     ]
     recipe = parse_recipe(raw)
-    fitted = fit_to_time(recipe, seconds=600, forward_tokens_per_s=250)
+    fitted = fit_to_time(recipe, seconds=3600, forward_tokens_per_s=250)
     total = sum(stage_seconds(s, s.tokens, s.seq_len or 128, 250) for s in fitted.stages)
-    assert 540 <= total <= 600
+    assert 3400 <= total <= 3600
     assert all(s.tokens % s.global_batch_tokens == 0 for s in fitted.stages)
     ratio = [f.tokens / s.tokens for f, s in zip(fitted.stages, recipe.stages)]
     assert ratio[0] == pytest.approx(ratio[1], rel=0.05)
     tiny = fit_to_time(recipe, seconds=1, forward_tokens_per_s=250)
     assert [s.tokens for s in tiny.stages] == [512, 512]
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+LAUNCH_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def test_the_shipped_recipes_are_valid():
+    assert {p.name for p in RECIPES} >= {
+        "smollm2-demo.yaml",
+        "mohawk-phi-1.5.yaml",
+        "hybrid-llama-3.2-1b-25.yaml",
+    }
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        for index in range(len(recipe.stages)):
+            plan_stage(recipe, index, num_processes=1)
+    mohawk = load_recipe(RECIPES[[p.name for p in RECIPES].index("mohawk-phi-1.5.yaml")])
+    assert [s.tokens for s in mohawk.stages] == [80_000_000, 160_000_000, 2_760_000_000]
+    assert {(s.lr, s.betas, s.weight_decay, s.schedule.kind) for s in mohawk.stages} == {
+        (1e-4, (0.9, 0.95), 0.1, "wsd")
+    }
+
+
+def test_the_launch_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in LAUNCH_CONFIGS}
+    assert kinds == {
+        "ddp": "DistributedType.MULTI_GPU",
+        "fsdp": "DistributedType.FSDP",
+        "zero2": "DistributedType.DEEPSPEED",
+        "zero3": "DistributedType.DEEPSPEED",
+    }

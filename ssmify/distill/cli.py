@@ -38,14 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from ssmify.distill.recipe import load_recipe
     from ssmify.distill.run import run_recipe
+    from ssmify.distill.state import distributed_state
 
     recipe = load_recipe(args.recipe, args.overrides)
     summaries = run_recipe(recipe, resume=args.resume)
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         for summary in summaries:
             shown = {k: v for k, v in summary.items() if k not in ("losses", "val_losses")}
             logger.info("%s", json.dumps(shown))

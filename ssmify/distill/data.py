@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ssmify.distill.recipe import DataConfig, HubSource
+from ssmify.distill.state import distributed_state
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ def default_cache_root() -> Path:
     return Path(base) / "data"
 
 
-def load_data(
-    config: DataConfig, tokenizer: Any, seq_len: int, seed: int, cache_root: Path | None = None
-) -> DistillData:
+def load_data(config: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> DistillData:
     """The training and validation blocks of a recipe's data section, tokenized with `tokenizer`.
 
     Without data.validation, a validation_fraction of the training documents is held out.
@@ -91,7 +90,7 @@ def load_data(
     result: dict[str, Blocks] = {}
     cached = [name for name in documents if not streamed[name]]
     if cached:
-        root = Path(config.cache_dir) if config.cache_dir else (cache_root or default_cache_root())
+        root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_root()
         token_streams = cached_token_streams({n: documents[n] for n in cached}, tokenizer, root)
         for name in cached:
             blocks = PackedBlocks(token_streams[name], seq_len, seed)
@@ -210,8 +209,11 @@ class DocumentSource:
             raise SsmifyError(
                 f"data: hub dataset {source.hub!r} could not be opened: {err}".splitlines()[0]
             ) from None
-        if source.field not in dataset.column_names:
-            raise SsmifyError(f"data: hub dataset {source.hub!r} has no field {source.field!r}")
+        columns = dataset.column_names  # None when a stream does not declare its features
+        if columns is not None and source.field not in columns:
+            raise SsmifyError(
+                f"data: hub dataset {source.hub!r} has no field {source.field!r} (set its field)"
+            )
         if self.keep != "all":
             dataset = dataset.filter(lambda _, i: self.keeps(j, i), with_indices=True)
         if shuffle_seed is not None and source.streaming:
@@ -247,7 +249,7 @@ def tokenize_documents(texts: Iterable[str], tokenizer: Any) -> Iterator[np.ndar
     batch: list[str] = []
 
     def flush() -> np.ndarray:
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]  # documents may be long
         return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.uint32)
 
     for text in texts:
@@ -285,10 +287,7 @@ def cached_token_streams(
 
 
 def _build_cache(folder: Path, sources: dict[str, DocumentSource], tokenizer: Any, key_data: dict) -> None:
-    from accelerate import PartialState
-
-    state = PartialState()
-    with state.main_process_first():
+    with distributed_state().main_process_first():
         if all((folder / f"{name}.npy").is_file() for name in sources):
             return  # the main process built it while this one waited
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

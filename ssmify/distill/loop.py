@@ -12,6 +12,7 @@ same data. The teacher runs under no_grad in its own dtype, outside everything a
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
-    parse_flag_from_env,
     set_seed,
 )
 from torch import nn
@@ -35,17 +35,13 @@ from ssmify.distill.data import Blocks, DistillData
 from ssmify.distill.objectives import build_objective
 from ssmify.distill.recipe import Recipe, Stage, stage_dir_name, stage_seq_len
 from ssmify.distill.schedules import lr_factor
+from ssmify.distill.state import distributed_state
 from ssmify.distill.students import load_student, save_student
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"  # written last: a stage folder with it is finished
-
-
-def distributed_state() -> PartialState:
-    """accelerate's process state; honours ACCELERATE_USE_CPU=true (multi-process CPU runs over gloo)."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 @dataclass(frozen=True)
@@ -110,17 +106,41 @@ class StageContext:
 
 def make_accelerator(recipe: Recipe, plan: StagePlan) -> Accelerator:
     """One Accelerator per stage, since accumulation differs between stages."""
+    for tracker in recipe.trackers:
+        if importlib.util.find_spec(tracker) is None:
+            raise SsmifyError(f"trackers: {tracker} is not installed (pip install {tracker}), or remove it")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=plan.stage.name == "matrix")]
     project = ProjectConfiguration(
         project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
     )
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=plan.accumulation,
         mixed_precision=recipe.mixed_precision,
         log_with=list(recipe.trackers) or None,
         project_config=project,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
+    )
+    # A launch config's gradient_accumulation_steps (an environment variable) would override the
+    # argument; the recipe's global batch decides it here.
+    accelerator.gradient_accumulation_steps = plan.accumulation
+    return accelerator
+
+
+def fit_deepspeed_config(accelerator: Accelerator, plan: StagePlan) -> None:
+    """Under DeepSpeed, set this stage's batch sizes and clipping in its config (they change between stages).
+
+    accelerate fills only "auto" entries, once; the stages of one run share that config.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    micro = plan.stage.micro_batch_size
+    plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=plan.accumulation,
+        train_batch_size=micro * plan.accumulation * plan.num_processes,
+        gradient_clipping=plan.stage.max_grad_norm or 0.0,
     )
 
 
@@ -135,6 +155,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def train_stage(ctx: StageContext, resume: bool) -> dict:
     """Run one stage to the end (or from its newest checkpoint), save its student, and return its summary."""
     recipe, stage = ctx.recipe, ctx.stage
+    stage_start = time.perf_counter()
     plan = plan_stage(recipe, ctx.index, distributed_state().num_processes)
     accelerator = make_accelerator(recipe, plan)
     main = accelerator.is_main_process
@@ -147,13 +168,14 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     optimizer = torch.optim.AdamW(
         param_groups(objective, stage.weight_decay), lr=stage.lr, betas=stage.betas, eps=stage.eps
     )
+    fit_deepspeed_config(accelerator, plan)
     model, optimizer = accelerator.prepare(objective, optimizer)
     validation = validation_set(ctx.data.validation, stage, plan)
 
     checkpoints = ctx.stage_dir / "checkpoints"
     resume_from = newest_checkpoint(checkpoints) if resume else None
     if resume_from is not None:
-        progress = load_checkpoint(accelerator, resume_from)
+        progress = load_checkpoint(accelerator, resume_from)  # its "seconds" are the earlier sessions'
         if main:
             logger.info("%s: resuming from %s", ctx.stage_dir.name, resume_from)
     else:
@@ -162,12 +184,13 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
             [0, evaluate(model, objective, ctx.teacher, validation, plan, accelerator)]
         )
 
+    earlier_seconds = progress["seconds"]
     if recipe.trackers:
-        accelerator.init_trackers("ssmify", config={"stage": ctx.stage_dir.name, "lr": stage.lr})
+        accelerator.init_trackers(ctx.stage_dir.name, config={"lr": stage.lr, "tokens": stage.tokens})
     bar = tqdm(
         total=plan.steps, initial=progress["step"], desc=ctx.stage_dir.name, unit="step", disable=not main
     )
-    session_start, session_steps = time.perf_counter(), 0
+    train_start, train_steps = time.perf_counter(), 0
     model.train()
     for step in range(progress["step"], plan.steps):
         lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
@@ -191,9 +214,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         done = step + 1
         progress["step"] = done
         progress["losses"].append(loss)
-        session_steps += 1
-        elapsed = time.perf_counter() - session_start
-        tokens_per_s = session_steps * plan.tokens_per_step / max(elapsed, 1e-9)
+        train_steps += 1
+        tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
         if recipe.trackers and done % stage.log_every == 0:
@@ -206,14 +228,13 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
             if recipe.trackers:
                 accelerator.log({"val_loss": val}, step=done)
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
-            progress["seconds"] += time.perf_counter() - session_start
-            session_start, session_steps = time.perf_counter(), 0
+            progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
             save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
     bar.close()
 
     val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
     progress["val_losses"].append([plan.steps, val])
-    seconds = progress["seconds"] + time.perf_counter() - session_start
+    seconds = earlier_seconds + time.perf_counter() - stage_start
     state = accelerator.get_state_dict(model)
     summary = {
         "stage": ctx.stage_dir.name,

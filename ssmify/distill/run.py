@@ -27,8 +27,9 @@ from torch import nn
 
 from ssmify.convert.teacher import load_teacher
 from ssmify.distill.data import check_data_files, load_data
-from ssmify.distill.loop import SUMMARY_FILE, StageContext, distributed_state, train_stage
+from ssmify.distill.loop import SUMMARY_FILE, StageContext, train_stage
 from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
+from ssmify.distill.state import distributed_state
 from ssmify.distill.students import check_vocabulary
 from ssmify.errors import SsmifyError
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ssmify.convert.student import register
 from ssmify.distill.objectives import trained_student
 from ssmify.errors import SsmifyError
 
@@ -33,8 +34,6 @@ def check_vocabulary(teacher_name: str, teacher: PreTrainedModel, tokenizer: Any
 
 def load_student(path: Path) -> PreTrainedModel:
     """A student folder as an fp32 model."""
-    from ssmify.convert.student import register
-
     register()  # teaches the Auto classes the "ssmify" model type
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -45,6 +44,7 @@ def load_student(path: Path) -> PreTrainedModel:
 def save_student(objective: nn.Module, student: nn.Module, folder: Path, tokenizer: Any) -> None:
     """Write the trained student (LoRA merged) and the tokenizer into `folder`, through a temporary folder."""
     final = trained_student(objective, student)
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".student-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

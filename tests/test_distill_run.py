@@ -1,0 +1,273 @@
+"""Whole runs: stages chained through their folders, resume after SIGKILL, 2-process DDP, NaN guard, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_distill_support import make_workspace, recipe_dict, stage, write_recipe, write_teacher
+from transformers import AutoModelForCausalLM
+
+import ssmify.distill.run as run_module
+from ssmify.cli import main
+from ssmify.convert.student import is_student, mixer_layers, register
+from ssmify.distill.objectives.logits import LogitsObjective
+from ssmify.distill.recipe import parse_recipe
+from ssmify.distill.run import run_recipe
+from ssmify.errors import SsmifyError
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {
+    "stage",
+    "tokens",
+    "steps",
+    "seconds",
+    "loss_first",
+    "loss_last",
+    "val_loss_first",
+    "val_loss_last",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; more threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its process state in class-level singletons: leave none behind for other tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("distill"))
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def three_stages(**logits_fields) -> list[dict]:
+    return [
+        stage("matrix", seq_len=16, tokens=256),
+        stage("hidden", lr=1e-3),
+        stage("logits", lr=1e-3, **logits_fields),
+    ]
+
+
+def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkeypatch):
+    stages = three_stages()
+    stages[1]["lr"] = 1e-9  # hidden barely moves, so its output must equal its input: the matrix stage's
+    stages[2].update(tokens=768, eval_every=2)
+    recipe = parse_recipe(
+        recipe_dict(workspace, stages, output_dir=str(tmp_path / "run"), keep_checkpoints=1)
+    )
+    summaries = run_recipe(recipe)
+
+    out = tmp_path / "run"
+    assert [s["stage"] for s in summaries] == ["1-matrix", "2-hidden", "3-logits"]
+    for summary in summaries:
+        assert SUMMARY_KEYS <= summary.keys()
+        assert json.loads((out / summary["stage"] / "summary.json").read_text())["steps"] == summary["steps"]
+    assert [s["tokens"] for s in summaries] == [256, 512, 768]
+    assert sorted(p.name for p in (out / "3-logits" / "checkpoints").iterdir()) == ["step-4"]
+
+    register()
+    student = AutoModelForCausalLM.from_pretrained(out / "3-logits")
+    assert is_student(student) and sorted(mixer_layers(student)) == [0, 2]
+    start, matrix, hidden, logits = (
+        weights(d) for d in (workspace / "student", out / "1-matrix", out / "2-hidden", out / "3-logits")
+    )
+    key = "model.layers.0.self_attn.mixer.in_proj.weight"
+    assert not torch.allclose(matrix[key], start[key])
+    assert torch.allclose(hidden[key], matrix[key], atol=1e-6)
+    assert not torch.allclose(logits[key], hidden[key])
+    mlp = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(logits[mlp], start[mlp])  # trainable: mixers
+    assert summaries[2]["val_loss_last"] < summaries[2]["val_loss_first"]
+    assert len(summaries[2]["val_losses"]) == 4  # step 0, 2, 4 and the end
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a finished run must not load the teacher again")
+
+    monkeypatch.setattr(run_module, "load_teacher", no_teacher)
+    assert run_recipe(recipe, resume=True) == summaries
+    with pytest.raises(SsmifyError, match="already holds a run; pass --resume"):
+        run_recipe(recipe)
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, tmp_path, caplog):
+    long_stage = [stage("logits", tokens=128 * 60, checkpoint_every=2)]
+    path = write_recipe(
+        tmp_path / "recipe.yaml", recipe_dict(workspace, long_stage, output_dir=str(tmp_path / "a"))
+    )
+    checkpoints = tmp_path / "a" / "1-logits" / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ssmify", "distill", str(path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            not (checkpoints / "step-4").is_dir() and process.poll() is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "a" / "1-logits" / "summary.json").exists()
+
+    caplog.set_level(logging.INFO, logger="ssmify.distill.loop")
+    run_recipe(parse_recipe(yaml.safe_load(path.read_text())), resume=True)
+    assert any("resuming from" in r.getMessage() and "step-" in r.getMessage() for r in caplog.records)
+
+    uninterrupted = recipe_dict(
+        workspace, [{**long_stage[0], "checkpoint_every": 1000}], output_dir=str(tmp_path / "b")
+    )
+    run_recipe(parse_recipe(uninterrupted))
+    resumed, reference = weights(tmp_path / "a" / "1-logits"), weights(tmp_path / "b" / "1-logits")
+    assert max_difference(resumed, reference) <= 1e-6
+    assert max_difference(reference, weights(workspace / "student")) > 1e-3  # it did train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_give_the_weights_of_one_with_the_same_global_batch(workspace, tmp_path):
+    stages = three_stages(trainable="all")
+    path = write_recipe(
+        tmp_path / "recipe.yaml", recipe_dict(workspace, stages, output_dir=str(tmp_path / "two"))
+    )
+    config = REPO / "recipes" / "accelerate" / "ddp.yaml"  # a GPU config, run on CPU: ACCELERATE_USE_CPU
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    launch += ["-m", "ssmify", "distill", str(path)]
+    result = subprocess.run(
+        launch,
+        cwd=REPO,
+        env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_recipe(parse_recipe(recipe_dict(workspace, stages, output_dir=str(tmp_path / "one"))))
+    for name in ("1-matrix", "2-hidden", "3-logits"):
+        two, one = (
+            json.loads((tmp_path / run / name / "summary.json").read_text()) for run in ("two", "one")
+        )
+        assert (two["processes"], one["processes"]) == (2, 1)
+        assert two["accumulation"] * 2 == one["accumulation"]
+        assert max_difference(weights(tmp_path / "two" / name), weights(tmp_path / "one" / name)) <= 1e-5
+
+
+def test_a_nan_loss_stops_the_run_and_points_at_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
+    calls = {"training": 0}
+    forward = LogitsObjective.forward
+
+    def poisoned(self, input_ids, targets):
+        out = forward(self, input_ids, targets)
+        if self.training:
+            calls["training"] += 1
+            if calls["training"] > 8:  # 2 micro batches a step: step 5 goes bad
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(LogitsObjective, "forward", poisoned)
+    recipe = parse_recipe(
+        recipe_dict(workspace, [stage("logits", tokens=128 * 8)], output_dir=str(tmp_path / "run"))
+    )
+    with pytest.raises(SsmifyError) as info:
+        run_recipe(recipe)
+    stage_dir = tmp_path / "run" / "1-logits"
+    message = str(info.value)
+    assert "the loss became nan at step 5" in message
+    assert str(stage_dir / "checkpoints" / "step-4") in message
+    assert (stage_dir / "checkpoints" / "step-4" / "model.safetensors").is_file()
+    assert not (stage_dir / "summary.json").exists() and not (stage_dir / "model.safetensors").exists()
+
+
+def cli_error(args: list[str], capsys) -> str:
+    """The CLI's error line; it must exit 2 with exactly one such line, last, and no traceback."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert [line for line in lines if "error" in line.lower()] == [lines[-1]]
+    assert lines[-1].startswith("ssmify: error: ")
+    return lines[-1]
+
+
+def test_bad_recipes_stop_with_one_line_naming_the_field(workspace, tmp_path, capsys):
+    def recipe_file(name: str, **changes) -> str:
+        raw = recipe_dict(workspace, [stage("logits")], output_dir=str(tmp_path / name))
+        for dotted, value in changes.items():
+            node = raw
+            *parents, last = dotted.split("__")
+            for part in parents:
+                node = node[int(part)] if part.isdigit() else node[part]
+            node[last] = value
+        return str(write_recipe(tmp_path / f"{name}.yaml", raw))
+
+    assert "stages.0.lrr: unknown key (did you mean lr?)" in cli_error(
+        ["distill", recipe_file("typo", stages__0__lrr=0.1)], capsys
+    )
+    assert "stages.0.name: unknown stage 'logit'" in cli_error(
+        ["distill", recipe_file("name", stages__0__name="logit")], capsys
+    )
+    assert "stages.0.tokens: 64 is smaller than one batch" in cli_error(
+        ["distill", recipe_file("budget", stages__0__tokens=64)], capsys
+    )
+    missing = str(workspace / "no-such-corpus.txt")
+    assert f"{missing}: no such file" in cli_error(
+        ["distill", recipe_file("data", data__train=[missing])], capsys
+    )
+    assert not (tmp_path / "data").exists()  # stopped before writing anything
+
+
+def test_a_student_with_another_vocabulary_is_refused(workspace, tmp_path, capsys):
+    from test_distill_support import convert_student
+
+    write_teacher(tmp_path / "other-teacher", vocab_size=96)
+    convert_student(tmp_path / "other-teacher", tmp_path / "other-student")
+    raw = recipe_dict(workspace, [stage("logits")], output_dir=str(tmp_path / "run"))
+    raw["student"] = {"path": str(tmp_path / "other-student")}
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    line = cli_error(["distill", str(path)], capsys)
+    assert "other-student: vocab_size 96 does not match the teacher's 128" in line
