@@ -6,5 +6,6 @@ Importing ssmify registers the "ssmify" model type with transformers, so that
 
 from ssmify.convert import LayerPlan, convert
 from ssmify.errors import SsmifyError
+from ssmify.export import export
 
-__all__ = ["LayerPlan", "SsmifyError", "convert"]
+__all__ = ["LayerPlan", "SsmifyError", "convert", "export"]

@@ -1,0 +1,70 @@
+"""The README.md model card of an export: what it is, how to load it, how exact it is, what serves it."""
+
+from __future__ import annotations
+
+from ssmify.export.base import ExportTarget
+from ssmify.export.spec import StudentSpec
+
+
+def model_card(target: ExportTarget, spec: StudentSpec, source: str, report: dict) -> str:
+    parity = report["parity"]
+    teacher = spec.config.ssmify.get("provenance", {}).get("teacher", "unknown")
+    family = spec.config.ssmify["base_model_type"]
+    num_layers, attention = target.layer_plan(spec)
+    kept = (
+        f"attention is kept in layers {', '.join(map(str, spec.attention_layers))}, and the others hold"
+        if spec.attention_layers
+        else "every layer holds"
+    )
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"tags: [ssmify, mamba2, hybrid, {target.name}]",
+        "---",
+        f"# {target.architecture} export of an ssmify student",
+        "",
+        f"Exported by ssmify from the student `{source}` (teacher `{teacher}`, a {family} model). This folder "
+        f"is a native transformers `{target.architecture}` checkpoint (model_type `{target.name}`): plain "
+        "transformers 5.x loads it, without ssmify and without `trust_remote_code`.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "## Layers",
+        "",
+        f"The student has {spec.num_layers} layers; {kept} a Mamba-2 mixer in place of attention. "
+        "Embeddings, norms and MLPs are the teacher's.",
+    ]
+    if num_layers > spec.num_layers:
+        lines += [
+            "",
+            f"Layer {attention[0]} is an identity layer: an attention layer and MLP whose weights are all zero, "
+            "so it adds exactly 0. transformers 5.x cannot generate with a cache when a hybrid model has no "
+            "attention layer; this one layer makes it work, for one layer's KV cache.",
+        ]
+    if not target.adds_identity_layer:
+        lines += [
+            "",
+            f"{target.architecture} runs attention and a mixer side by side in every layer. In each layer "
+            "the branch that the student does not use has all-zero weights and adds exactly 0, but it still "
+            "keeps a KV cache and costs compute: this export keeps the student's outputs, not its speed.",
+        ]
+    lines += [
+        "",
+        "## Exactness",
+        "",
+        "Before this folder was written, it was loaded back and compared with the student in fp32: max "
+        f"|logit difference| {parity['forward']:.1e} on random token windows (limit {report['tolerance']:g}), "
+        f"and {parity['decode']:.1e} in cached greedy decoding (limit {parity['decode_limit']:.1e}: the "
+        "one-token recurrent update rounds differently from the chunked scan, in the student too).",
+        "",
+        "## Serving",
+        "",
+        f"Engines with a `{target.architecture}` implementation: {target.engines}. ssmify has not run them "
+        "on this export; see the ssmify README for what is known about each.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,125 @@
+"""`export`: a distilled student in, a native transformers checkpoint out (no ssmify needed to load it)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from ssmify.atomic import atomic_directory, is_nonempty_dir
+from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
+from ssmify.errors import SsmifyError
+from ssmify.export.card import model_card
+from ssmify.export.checks import choose_target
+from ssmify.export.spec import read_student
+from ssmify.export.targets import TARGETS
+from ssmify.export.verify import TOLERANCE, verify_parity
+
+log = logging.getLogger(__name__)
+
+
+def export(
+    student: str | os.PathLike | PreTrainedModel,
+    target: str = "auto",
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Write `student` to `out` as a checkpoint of a native transformers architecture; return `out`.
+
+    student: a student folder (from convert or distill) or a loaded student model (then pass its
+    `tokenizer`, if it should travel with the export). target: "auto" (the first of bamba,
+    granitemoehybrid, falcon_h1 that holds the student exactly) or one of those names. A student
+    that the target cannot hold exactly is refused with the reason. The folder is written atomically,
+    loaded back and compared with the student (`verify_parity`: full-forward logits within 1e-4 in
+    fp32, cached decoding, RoPE); if they differ, nothing is written.
+    """
+    if out is None:
+        raise SsmifyError("--out: say where the export goes")
+    if is_nonempty_dir(Path(out)) and not overwrite:
+        raise SsmifyError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+
+    if isinstance(student, PreTrainedModel):
+        source = _in_memory_name(student)
+        name = choose_target(student.config, target)
+        model, dtype = student, next(student.parameters()).dtype
+    else:
+        source = str(student)
+        config = load_config(source)  # refuse from config.json alone, before the weights load
+        name = choose_target(config, target)
+        model, loaded_tokenizer = load_teacher(source, dtype=torch.float32)
+        tokenizer = tokenizer or loaded_tokenizer
+        dtype = resolve_dtype(str(config.dtype).removeprefix("torch.")) if config.dtype else torch.float32
+
+    chosen = TARGETS[name]
+    # The comparison runs in fp32; a half-precision student is compared through an fp32 copy.
+    reference = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
+    was_training = reference.training
+    reference.eval()
+    try:
+        spec = read_student(reference)
+        export_config, weights = chosen.build(spec)
+        export_config.dtype = dtype
+        weights = {key: value.to(dtype).contiguous() for key, value in weights.items()}
+        with atomic_directory(out, overwrite=overwrite) as staging:
+            export_config.save_pretrained(staging)
+            save_torch_state_dict(weights, staging, max_shard_size="2GB")
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            exported = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(reference.device)
+            report = {
+                "student": source,
+                "target": name,
+                "architecture": chosen.architecture,
+                "attention_layers": spec.attention_layers,
+                "export_attention_layers": chosen.layer_plan(spec)[1],
+                "dtype": str(dtype).removeprefix("torch."),
+                "parity": verify_parity(reference, exported.eval()),
+                "tolerance": TOLERANCE,
+                "ssmify_version": _version(),
+            }
+            (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (staging / "README.md").write_text(model_card(chosen, spec, source, report))
+    finally:
+        reference.train(was_training)
+    log.info(
+        "exported %s to %s as %s; max |logit difference| %.1e (forward), %.1e (cached decoding)",
+        source,
+        out,
+        chosen.architecture,
+        report["parity"]["forward"],
+        report["parity"]["decode"],
+    )
+    if tokenizer is None:
+        log.warning(
+            "%s has no tokenizer: pass one, or copy the teacher's tokenizer files next to the export", out
+        )
+    return Path(out)
+
+
+def _in_memory_name(student: PreTrainedModel) -> str:
+    """The folder a loaded student came from; a freshly converted one still carries its teacher's path."""
+    path = getattr(student, "name_or_path", "")
+    teacher = (
+        student.config.ssmify.get("provenance", {}).get("teacher")
+        if hasattr(student.config, "ssmify")
+        else None
+    )
+    return path if path and path != teacher else "<in-memory student>"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ssmify")
+    except metadata.PackageNotFoundError:
+        return "unknown"
