@@ -1,7 +1,8 @@
 """Forward+backward time and peak memory of the SSD scan against a sequential scan and SDPA attention.
 
 At SmolLM2-135M's sizes (9 heads of 64, d_state 64 as seeding sets it), batch 1, on CPU. Each
-(method, length) runs in a fresh process, so its peak RSS is its own. Times are medians; the ratios
+(method, length) runs in a fresh process, so its peak RSS is its own (the growth of ru_maxrss
+during the measurement). Times are medians; the ratios
 are measured side by side in one run.
 
     python scripts/bench/mixer.py            # L = 512 ... 8192
@@ -56,7 +57,10 @@ def _run(method: str, length: int, repeats: int, threads: int, queue) -> None:
 
 
 def measure(method: str, length: int, repeats: int, threads: int) -> dict:
-    ctx = mp.get_context("spawn")
+    # Each measurement forks from a server process that imported torch and the scan once (and ran
+    # nothing, so no thread pool is forked): a fresh process per point without paying the imports again.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "ssmify.mixers.ssd"])
     queue = ctx.Queue()
     proc = ctx.Process(target=_run, args=(method, length, repeats, threads, queue))
     proc.start()
