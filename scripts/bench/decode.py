@@ -1,0 +1,217 @@
+"""Decode speed, peak memory and decoding-state size: teacher vs pure-SSM student vs 50% hybrid.
+
+All three models are measured in one process, interleaved at each context length (batch 1, the same
+random context of ordinary tokens for all three), with `ssmify.eval.speed.measure`, the evaluator
+behind `ssmify eval --speed`:
+
+- decode tokens/s: greedy `generate` with the model's own cache (KV cache for attention layers, conv +
+  recurrent state for mixers), timed from the first to the last of --decode-tokens new tokens;
+- prefill s: one `generate(max_new_tokens=1)` over the context;
+- peak memory: the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs)
+  during prefill + decode, minus the resident size before, so weights are excluded and prefill
+  activations are included;
+- state bytes: exact bytes of every tensor in the cache after the prefill.
+
+The students are converted with `init="random"` (untrained mixers decode exactly as fast as trained
+ones). Contexts past the teacher's max_position_embeddings (8192 for SmolLM2) are still computed:
+RoPE extends to any position, so the speed is real even though the teacher's quality there is not.
+
+    python scripts/bench/decode.py                      # SmolLM2-135M, contexts 512 2048 8192 16384
+    python scripts/bench/decode.py --quick --teacher DIR   # tiny contexts: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = ("teacher", "ssm", "hybrid")
+LABELS = {
+    "teacher": "teacher (KV cache)",
+    "ssm": "pure SSM (0% attention)",
+    "hybrid": "hybrid (50% attention)",
+}
+
+
+def mib(value: int | None) -> str:
+    return f"{value / 2**20:.2f}" if value is not None else "n/a"
+
+
+def profile_decode(model, context: torch.Tensor, steps: int, rows: int) -> str:
+    """torch.profiler's ops by self CPU time over `steps` greedy decode steps after a prefill of `context`,
+    with the wall time per step and the share of it that no op accounts for (Python and framework)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        out = model(input_ids=context, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            wall = time.perf_counter() - start
+    events = prof.key_averages()
+    ops = sum(e.self_cpu_time_total for e in events) / 1e6
+    table = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (
+        f"{wall / steps * 1000:.1f} ms per step under the profiler; ops' self CPU time {ops / steps * 1000:.1f} ms "
+        f"per step\n{table}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny contexts and few tokens: a smoke test")
+    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384])
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--profile", type=int, metavar="LENGTH", help="after measuring, profile decoding at this context"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.decode_tokens = [32, 64], 4
+        args.profile = args.profile and 64
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    from ssmify import assets
+    from ssmify.convert import convert
+    from ssmify.convert.teacher import load_teacher
+    from ssmify.eval.recall import ordinary_tokens
+    from ssmify.eval.scan import max_positions
+    from ssmify.eval.speed import MEMORY, measure
+
+    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
+    teacher, tokenizer = load_teacher(teacher_dir, dtype="float32")
+    models = {
+        "teacher": teacher.eval(),
+        "ssm": convert(teacher, keep_attention=0.0, init="random", tokenizer=tokenizer).eval(),
+        "hybrid": convert(teacher, keep_attention=0.5, init="random", tokenizer=tokenizer).eval(),
+    }
+    limit = max_positions(teacher)
+    generator = torch.Generator().manual_seed(0)
+    pool = ordinary_tokens(tokenizer, teacher)
+    warmup = pool[torch.randint(len(pool), (1, 16), generator=generator)]
+    for model in models.values():
+        measure(model, warmup, 2)
+
+    started = time.perf_counter()
+    print(
+        f"decode benchmark: {teacher_dir.name}, batch 1, {args.decode_tokens} new tokens after the context, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.2f} at the start",
+        flush=True,
+    )
+    if limit is not None and max(args.lengths) > limit:
+        print(
+            f"note: contexts above max_position_embeddings={limit} run past the teacher's trained length "
+            "(RoPE is computed there all the same; the speed is real, the quality is not)"
+        )
+    points = []
+    for length in args.lengths:
+        context = pool[torch.randint(len(pool), (1, length), generator=generator)]
+        point: dict = {"length": length}
+        for name, model in models.items():
+            try:
+                point[name] = measure(model, context, args.decode_tokens)
+            except (torch.OutOfMemoryError, MemoryError) as err:
+                point[name] = {"skipped": str(err).splitlines()[0] if str(err) else type(err).__name__}
+            print(f"  L={length:>6} {name:<7} {json.dumps(point[name])}", flush=True)
+        for name in ("ssm", "hybrid"):
+            ours, theirs = point[name], point["teacher"]
+            if "skipped" not in ours and "skipped" not in theirs:
+                point[f"{name}_decode_speedup"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+                point[f"{name}_prefill_speedup"] = theirs["prefill_s"] / ours["prefill_s"]
+                point[f"{name}_state_ratio"] = ours["state_bytes"] / theirs["state_bytes"]
+                if ours["peak_memory_bytes"] and theirs["peak_memory_bytes"]:
+                    point[f"{name}_memory_ratio"] = ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
+        points.append(point)
+    seconds = time.perf_counter() - started
+
+    def cell(point: dict, name: str, key: str, fmt: str) -> str:
+        value = point[name].get(key)
+        return format(value, fmt) if value is not None else "skipped"
+
+    print(
+        f"\ndecode tokens/s (batch 1) and speedup over the teacher; load average at the end "
+        f"{os.getloadavg()[0]:.2f}, {seconds / 60:.1f} min"
+    )
+    header = (
+        f"{'context':>7} | {'teacher':>8} | {'pure SSM':>8} | {'hybrid':>8} | {'SSM/teacher':>11} | "
+        f"{'hybrid/teacher':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for p in points:
+        print(
+            f"{p['length']:>7} | {cell(p, 'teacher', 'decode_tokens_per_s', '8.2f')} | "
+            f"{cell(p, 'ssm', 'decode_tokens_per_s', '8.2f')} | {cell(p, 'hybrid', 'decode_tokens_per_s', '8.2f')} | "
+            f"{p.get('ssm_decode_speedup', float('nan')):>10.2f}x | {p.get('hybrid_decode_speedup', float('nan')):>13.2f}x"
+        )
+    print("\nprefill seconds (one forward over the context)")
+    for p in points:
+        print(f"{p['length']:>7} | " + " | ".join(f"{n} {cell(p, n, 'prefill_s', '8.2f')}" for n in MODELS))
+    print("\ndecoding state (exact cache bytes after the prefill), MiB; ratio to the teacher")
+    for p in points:
+        print(
+            f"{p['length']:>7} | "
+            + " | ".join(f"{n} {mib(p[n].get('state_bytes')):>7}" for n in MODELS)
+            + f" | SSM/teacher {p.get('ssm_state_ratio', float('nan')):.4f} | hybrid/teacher "
+            f"{p.get('hybrid_state_ratio', float('nan')):.3f}"
+        )
+    print(f"\npeak memory above the loaded weights, MiB ({MEMORY['cpu']})")
+    for p in points:
+        print(
+            f"{p['length']:>7} | "
+            + " | ".join(f"{n} {mib(p[n].get('peak_memory_bytes')):>7}" for n in MODELS)
+        )
+    ssm_states = {p["ssm"].get("state_bytes") for p in points}
+    teacher_states = [p["teacher"].get("state_bytes") for p in points]
+    constant = len(ssm_states) == 1 and None not in ssm_states
+    grows = all(a is not None and b is not None and b > a for a, b in zip(teacher_states, teacher_states[1:]))
+    print(
+        f"\npure-SSM decoding state constant across contexts: {'yes' if constant else 'NO'}; "
+        f"teacher's KV cache grows with the context: {'yes' if grows else 'NO'}"
+    )
+    at_8k = next((p for p in points if p["length"] == 8192), None)
+    if at_8k is not None and "ssm_decode_speedup" in at_8k:
+        met = at_8k["ssm_decode_speedup"] >= 2.0
+        print(
+            f"target (pure SSM >= 2x the teacher's decode tokens/s at 8k): "
+            f"{at_8k['ssm_decode_speedup']:.2f}x, {'met' if met else 'MISSED'}"
+        )
+    if args.profile:
+        context = pool[torch.randint(len(pool), (1, args.profile), generator=generator)]
+        for name in ("teacher", "ssm"):
+            print(f"\nprofile: {LABELS[name]}, {args.decode_tokens} decode steps after {args.profile} tokens")
+            print(profile_decode(models[name], context, args.decode_tokens, rows=15))
+    if args.json:
+        result = {
+            "teacher": str(teacher_dir),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "decode_tokens": args.decode_tokens,
+            "max_position_embeddings": limit,
+            "memory": MEMORY["cpu"],
+            "seconds": seconds,
+            "points": points,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The benchmark scripts' --quick modes run end to end on a tiny teacher and report what their docs promise.
+
+Each script runs in a subprocess, as a user would run it; the numbers are not checked (they are
+timings on a tiny model), only that the script finishes and that its results hold together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_distill_support import write_corpus, write_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "scripts" / "bench"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    write_teacher(root / "teacher")
+    write_corpus(root / "train.txt", 60, seed=0)
+    write_corpus(root / "held.txt", 8, seed=1)
+    return root
+
+
+def run_script(name: str, *args: str, cwd: Path = REPO) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, str(BENCH / name), "--quick", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_init_ablation_scores_every_stage_of_four_students_at_one_token_budget(workspace: Path):
+    out = workspace / "ablation"
+    stdout = run_script(
+        "init_ablation.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out)),
+    )
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]["50pct-attention"]
+    assert sorted(runs) == sorted(
+        f"{v}/seed0" for v in ("seeded+mohawk", "seeded+kd", "random+mohawk", "random+kd")
+    )
+    for key, run in runs.items():
+        stages = [s["stage"] for s in run["scores"]]
+        expected = ["converted", "matrix", "hidden", "logits"] if "mohawk" in key else ["converted", "logits"]
+        assert stages == expected, key
+        assert sum(s["tokens"] for s in run["scores"]) == results["tokens_per_student"], key
+        for score in run["scores"]:
+            assert math.isfinite(score["perplexity"]) and score["perplexity"] > 1
+            assert score["kl"] >= 0 and 0 <= score["top1"] <= 1
+            assert score["teacher_perplexity"] == pytest.approx(results["teacher_perplexity"])
+    # seeded and random students start from different mixers, each shared by its two recipes
+    converted = {key: run["scores"][0]["perplexity"] for key, run in runs.items()}
+    assert converted["seeded+mohawk/seed0"] == converted["seeded+kd/seed0"]
+    assert converted["random+mohawk/seed0"] == converted["random+kd/seed0"]
+    assert converted["seeded+mohawk/seed0"] != converted["random+mohawk/seed0"]
+    assert "final numbers over seeds" in stdout
+    assert not list((out / "50pct-attention" / "seed0").glob("*/model.safetensors"))  # students deleted
+
+
+def test_decode_measures_all_three_models_and_the_ssm_state_stays_constant(workspace: Path):
+    report = workspace / "decode.json"
+    stdout = run_script(
+        "decode.py", "--teacher", str(workspace / "teacher"), "--threads", "1", "--json", str(report)
+    )
+    result = json.loads(report.read_text())
+    points = result["points"]
+    assert [p["length"] for p in points] == [32, 64]
+    for point in points:
+        for name in ("teacher", "ssm", "hybrid"):
+            measured = point[name]
+            assert measured["decode_tokens_per_s"] > 0 and measured["prefill_s"] > 0
+            assert measured["state_bytes"] > 0
+        assert point["ssm_decode_speedup"] == pytest.approx(
+            point["ssm"]["decode_tokens_per_s"] / point["teacher"]["decode_tokens_per_s"]
+        )
+    ssm_states = [p["ssm"]["state_bytes"] for p in points]
+    teacher_states = [p["teacher"]["state_bytes"] for p in points]
+    hybrid_states = [p["hybrid"]["state_bytes"] for p in points]
+    assert ssm_states[0] == ssm_states[1]
+    assert teacher_states[1] == 2 * teacher_states[0]  # the KV cache grows linearly with the context
+    assert ssm_states[0] < hybrid_states[0] < teacher_states[0]
+    assert "pure-SSM decoding state constant across contexts: yes" in stdout
+
+
+def test_distill_throughput_times_each_stage_loop_against_its_raw_steps(workspace: Path):
+    report = workspace / "throughput.json"
+    stdout = run_script(
+        "distill_throughput.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(workspace / "throughput")),
+        *("--threads", "1", "--json", str(report)),
+    )
+    stages = json.loads(report.read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["1-matrix", "2-hidden", "3-logits"]
+    for stage in stages:
+        assert stage["steps"] == 2
+        assert stage["loop_tokens_per_s"] > 0 and stage["raw_tokens_per_s"] > 0
+        assert stage["overhead"] == pytest.approx(1 - stage["loop_tokens_per_s"] / stage["raw_tokens_per_s"])
+        assert sum(stage["loop_parts"].values()) == pytest.approx(stage["loop_seconds"])
+        assert stage["loop_parts"]["checkpoints"] > 0  # --quick checkpoints every step
+        assert stage["raw_seconds"] == pytest.approx(sum(stage["raw_parts"].values()))
+    assert "target (overhead <= 15%) 3-logits" in stdout
+
+
+def test_mixer_benchmark_reports_every_method_at_every_length(tmp_path: Path):
+    report = tmp_path / "mixer.json"
+    run_script("mixer.py", "--threads", "1", "--json", str(report))
+    rows = json.loads(report.read_text())
+    assert [r["length"] for r in rows] == [64, 128]
+    for row in rows:
+        for method in ("chunked", "sequential", "sdpa"):
+            assert row[f"{method}_seconds"] > 0
+        assert row["sdpa_over_chunked"] == pytest.approx(row["sdpa_seconds"] / row["chunked_seconds"])

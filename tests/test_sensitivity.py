@@ -1,0 +1,59 @@
+"""Layer sensitivity: the loss a layer's seeded mixer costs the teacher, and the layers it keeps attention in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from ssmify.convert.sensitivity import layer_sensitivity, mean_nll, most_sensitive_layers
+from ssmify.errors import SsmifyError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; more threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def teacher():
+    return tiny_model("llama", num_hidden_layers=4)
+
+
+def tokens(windows: int = 2, length: int = 48) -> torch.Tensor:
+    return torch.randint(4, 128, (windows, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_layer_whose_attention_adds_nothing_costs_nothing_and_is_not_kept(teacher):
+    with torch.no_grad():
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()  # its attention output is always 0
+    scores = layer_sensitivity(teacher, tokens(), progress=False)
+    assert sorted(scores) == [0, 1, 2, 3]
+    assert scores[2] == pytest.approx(0.0, abs=1e-6)  # its mixer's out_proj is the same zero W_O
+    assert all(abs(scores[i]) > 1e-4 for i in (0, 1, 3))
+    assert 2 not in most_sensitive_layers(scores, 0.75)
+
+
+def test_sensitivity_leaves_the_teacher_as_it_was(teacher):
+    ids = tokens()
+    before = mean_nll(teacher, ids)
+    modules = [layer.self_attn for layer in teacher.model.layers]
+    layer_sensitivity(teacher, ids, progress=False)
+    assert [layer.self_attn for layer in teacher.model.layers] == modules
+    assert mean_nll(teacher, ids) == before
+
+
+def test_most_sensitive_layers_keeps_the_top_fraction_sorted_ties_to_the_lower_index():
+    scores = {0: 0.5, 1: 0.1, 2: 0.3, 3: 0.3, 4: 0.0, 5: 0.2}
+    assert most_sensitive_layers(scores, 0.5) == (0, 2, 3)
+    assert most_sensitive_layers(scores, 1 / 3) == (0, 2)
+    assert most_sensitive_layers(scores, 0.0) == ()
+    assert most_sensitive_layers(scores, 1.0) == (0, 1, 2, 3, 4, 5)
+
+
+def test_sensitivity_needs_windows_of_tokens(teacher):
+    with pytest.raises(SsmifyError, match=r"input_ids must be \(windows, length >= 2\), got \(48,\)"):
+        layer_sensitivity(teacher, tokens()[0], progress=False)
