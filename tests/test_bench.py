@@ -115,7 +115,12 @@ def test_distill_throughput_times_each_stage_loop_against_its_raw_steps(workspac
         assert sum(stage["loop_parts"].values()) == pytest.approx(stage["loop_seconds"])
         assert stage["loop_parts"]["checkpoints"] > 0  # --quick checkpoints every step
         assert stage["raw_seconds"] == pytest.approx(sum(stage["raw_parts"].values()))
-    assert "target (overhead <= 15%) 3-logits" in stdout
+        validation = stage["loop_parts"]["validation"]
+        assert validation > 0  # before and after every stage
+        assert stage["overhead_without_validation"] == pytest.approx(
+            1 - stage["raw_seconds"] / (stage["loop_seconds"] - validation)
+        )
+    assert "target (overhead <= 15%, validation excluded) 3-logits" in stdout
 
 
 def test_mixer_benchmark_reports_every_method_at_every_length(tmp_path: Path):

@@ -81,10 +81,14 @@ def main() -> None:
 
     import torch
 
-    print(f"SSD scan vs sequential scan vs SDPA, forward+backward, batch 1, {HEADS}x{HEAD_DIM} heads, "
-          f"d_state {D_STATE}, torch {torch.__version__}, {args.threads} threads")
-    header = (f"{'L':>6} | {'chunked s':>9} | {'sequential s':>12} | {'sdpa s':>8} | {'seq/chunked':>11} | "
-              f"{'sdpa/chunked':>12} | {'chunked MiB':>11} | {'sdpa MiB':>8}")
+    print(
+        f"SSD scan vs sequential scan vs SDPA, forward+backward, batch 1, {HEADS}x{HEAD_DIM} heads, "
+        f"d_state {D_STATE}, torch {torch.__version__}, {args.threads} threads"
+    )
+    header = (
+        f"{'L':>6} | {'chunked s':>9} | {'sequential s':>12} | {'sdpa s':>8} | {'seq/chunked':>11} | "
+        f"{'sdpa/chunked':>12} | {'chunked MiB':>11} | {'sdpa MiB':>8}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
@@ -94,9 +98,11 @@ def main() -> None:
         row["sequential_over_chunked"] = r["sequential"]["seconds"] / r["chunked"]["seconds"]
         row["sdpa_over_chunked"] = r["sdpa"]["seconds"] / r["chunked"]["seconds"]
         rows.append(row)
-        print(f"{length:>6} | {r['chunked']['seconds']:>9.3f} | {r['sequential']['seconds']:>12.3f} | "
-              f"{r['sdpa']['seconds']:>8.3f} | {row['sequential_over_chunked']:>10.1f}x | "
-              f"{row['sdpa_over_chunked']:>11.2f}x | {r['chunked']['peak_mib']:>11.0f} | {r['sdpa']['peak_mib']:>8.0f}")
+        print(
+            f"{length:>6} | {r['chunked']['seconds']:>9.3f} | {r['sequential']['seconds']:>12.3f} | "
+            f"{r['sdpa']['seconds']:>8.3f} | {row['sequential_over_chunked']:>10.1f}x | "
+            f"{row['sdpa_over_chunked']:>11.2f}x | {r['chunked']['peak_mib']:>11.0f} | {r['sdpa']['peak_mib']:>8.0f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
