@@ -288,6 +288,14 @@ BAD_INPUTS = {
     "layer out of range": (lambda tmp, t: [str(t), "--attention-layers", "1,9"], "out of range"),
     "layer repeated": (lambda tmp, t: [str(t), "--attention-layers", "1,1"], "more than once"),
     "fraction above 1": (lambda tmp, t: [str(t), "--keep-attention", "1.5"], "outside [0, 1]"),
+    "layer choice without a fraction": (
+        lambda tmp, t: [str(t), "--layer-choice", "sensitive"],
+        "--keep-attention",
+    ),
+    "unknown layer choice": (
+        lambda tmp, t: [str(t), "--keep-attention", "0.5", "--layer-choice", "best"],
+        "--layer-choice",
+    ),
     "corrupt safetensors": (lambda tmp, t: [str(_corrupt_dir(tmp, t))], "model.safetensors"),
 }
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssmify.distill.budget import fit_to_time, stage_seconds
+from ssmify.distill.budget import eval_costs, fit_to_time, stage_costs, stage_seconds
 from ssmify.distill.loop import plan_stage
 from ssmify.distill.recipe import Schedule, load_recipe, parse_recipe
 from ssmify.distill.schedules import lr_factor
@@ -90,6 +90,12 @@ def test_student_takes_a_path_or_convert_options_but_not_both():
     assert "student: " in error_of(raw) and "not both" in error_of(raw)
     raw["student"] = {"keep_attention": 0.25, "mixer": "mamba2"}
     assert parse_recipe(raw).student.convert_kwargs() == {"keep_attention": 0.25, "mixer": "mamba2"}
+    raw["student"] = {"keep_attention": 0.25, "layer_choice": "sensitive"}
+    assert parse_recipe(raw).student.convert_kwargs() == {"keep_attention": 0.25, "layer_choice": "sensitive"}
+    raw["student"] = {"path": "x", "layer_choice": "sensitive"}
+    assert "not both" in error_of(raw)
+    raw["student"] = {"keep_attention": 0.25, "layer_choice": "best"}
+    assert "student.layer_choice" in error_of(raw)
 
 
 def test_yaml_no_means_no_mixed_precision():
@@ -173,6 +179,29 @@ def test_fit_to_time_scales_every_stage_to_the_time_budget():
     assert ratio[0] == pytest.approx(ratio[1], rel=0.05)
     tiny = fit_to_time(recipe, seconds=1, forward_tokens_per_s=250)
     assert [s.tokens for s in tiny.stages] == [512, 512]
+
+
+def test_a_student_with_more_layers_converted_gets_fewer_tokens_in_the_same_time():
+    raw = minimal()
+    raw["stages"] = [
+        {"name": "hidden", "tokens": 512 * 100, "global_batch_tokens": 512, "lr": 1e-3},
+        {"name": "logits", "tokens": 512 * 100, "global_batch_tokens": 512, "lr": 1e-3},
+    ]
+    recipe = parse_recipe(raw)
+    tokens = {
+        share: sum(s.tokens for s in fit_to_time(recipe, 3600, 250, converted_share=share).stages)
+        for share in (0.25, 0.5, 1.0)
+    }
+    assert tokens[0.25] > tokens[0.5] > tokens[1.0]
+    for share in (0.25, 0.5, 1.0):
+        costs, evals = stage_costs(share), eval_costs(share)
+        fitted = fit_to_time(recipe, 3600, 250, converted_share=share)
+        total = sum(stage_seconds(s, s.tokens, 128, 250, costs, evals) for s in fitted.stages)
+        assert 3400 <= total <= 3600
+    assert stage_costs(0.0)["hidden"] == 1.0  # nothing converted: the teacher's forward alone
+    assert stage_costs(0.5)["hidden"] == pytest.approx(
+        (stage_costs(0.0)["hidden"] + stage_costs(1.0)["hidden"]) / 2
+    )
 
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -57,3 +59,44 @@ def test_most_sensitive_layers_keeps_the_top_fraction_sorted_ties_to_the_lower_i
 def test_sensitivity_needs_windows_of_tokens(teacher):
     with pytest.raises(SsmifyError, match=r"input_ids must be \(windows, length >= 2\), got \(48,\)"):
         layer_sensitivity(teacher, tokens()[0], progress=False)
+
+
+def test_convert_with_sensitive_layer_choice_keeps_attention_where_the_sensitivity_is_highest(
+    teacher, monkeypatch
+):
+    import ssmify
+
+    sensitivity_module = importlib.import_module("ssmify.convert.sensitivity")
+    from ssmify.convert.student import mixer_layers
+
+    scores = {0: 0.9, 1: 0.1, 2: 0.8, 3: 0.0}
+    calls = []
+
+    def measured(model, input_ids, tokenizer=None, mixer="mamba2", seed=0, progress=True):
+        calls.append((model, tuple(input_ids.shape), mixer))
+        return scores
+
+    monkeypatch.setattr(sensitivity_module, "layer_sensitivity", measured)
+    student = ssmify.convert(teacher, keep_attention=0.5, layer_choice="sensitive", mixer="discrete_mamba2")
+    assert len(calls) == 1 and calls[0][0] is teacher and calls[0][2] == "discrete_mamba2"
+    assert calls[0][1][0] >= 1 and calls[0][1][1] > 1  # windows of calibration tokens
+    report = student.convert_report
+    assert report["attention_layers"] == [0, 2] and sorted(mixer_layers(student)) == [1, 3]
+    assert student.config.ssmify["attention_layers"] == [0, 2]
+    assert report["layer_choice"] == "sensitive" and report["layer_sensitivity"] == scores
+    even = ssmify.convert(teacher, keep_attention=0.5)
+    assert even.convert_report["attention_layers"] == [1, 3] and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"layer_choice": "sensitive"}, "give --keep-attention"),
+        ({"keep_attention": 0.5, "layer_choice": "best"}, "choose one of even, sensitive"),
+    ],
+)
+def test_convert_refuses_a_layer_choice_it_cannot_make(teacher, options, message):
+    import ssmify
+
+    with pytest.raises(SsmifyError, match=message):
+        ssmify.convert(teacher, **options)

@@ -30,7 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--keep-attention",
         type=float,
-        help="fraction of layers that keep attention, spread evenly (0 = pure SSM)",
+        help="fraction of layers that keep attention (0 = pure SSM); --layer-choice says which",
+    )
+    p.add_argument(
+        "--layer-choice",
+        default="even",
+        help="with --keep-attention: even (spread evenly, default) or sensitive (the layers whose seeded "
+        "mixer raises the teacher's loss most; one forward pass per layer)",
     )
     p.add_argument("--init", default="seeded", help="seeded (from attention, default) or random")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the saved weights")
@@ -49,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         mixer=args.mixer,
         attention_layers=args.attention_layers,
         keep_attention=args.keep_attention,
+        layer_choice=args.layer_choice,
         init=args.init,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,

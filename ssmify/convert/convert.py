@@ -30,6 +30,9 @@ from ssmify.mixers import MIXERS
 log = logging.getLogger(__name__)
 
 INITS = ("seeded", "random")
+LAYER_CHOICES = ("even", "sensitive")
+# Calibration windows the layer sensitivity is measured on (--layer-choice sensitive).
+SENSITIVITY_WINDOWS = 2
 CALIBRATION_WINDOW = 256
 CALIBRATION_WINDOWS = 8
 
@@ -40,6 +43,7 @@ def convert(
     mixer: str = "mamba2",
     attention_layers: list[int] | None = None,
     keep_attention: float | None = None,
+    layer_choice: str = "even",
     init: str = "seeded",
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
@@ -52,8 +56,11 @@ def convert(
     """Turn `teacher` into a student whose non-kept attention layers are mixers; save it to `out` if given.
 
     teacher: a local HF folder, a hub id, a .gguf file, or a loaded model (then pass its `tokenizer`).
-    attention_layers / keep_attention: which layers keep attention (indices, or a fraction spread evenly);
-    neither means a pure SSM. init: "seeded" (from the teacher's Q/K/V/O, then calibrated) or "random".
+    attention_layers / keep_attention: which layers keep attention (indices, or a fraction); neither means
+    a pure SSM. layer_choice: which layers a fraction keeps: "even" spreads them evenly, "sensitive" keeps
+    those whose seeded mixer alone raises the teacher's loss most (ssmify.convert.sensitivity; costs one
+    forward pass per layer on the calibration text). init: "seeded" (from the teacher's Q/K/V/O, then
+    calibrated) or "random".
     The student's perplexity before any training, next to the teacher's, is logged and saved in
     `out/convert_report.json`.
     """
@@ -61,6 +68,14 @@ def convert(
         raise SsmifyError(f"--mixer: {mixer!r} is not a mixer; choose one of {', '.join(MIXERS)}")
     if init not in INITS:
         raise SsmifyError(f"--init: {init!r} is not an init; choose one of {', '.join(INITS)}")
+    if layer_choice not in LAYER_CHOICES:
+        raise SsmifyError(
+            f"--layer-choice: {layer_choice!r} is not a choice; choose one of {', '.join(LAYER_CHOICES)}"
+        )
+    if layer_choice == "sensitive" and keep_attention is None:
+        raise SsmifyError(
+            "--layer-choice sensitive chooses among layers: give --keep-attention F, the share to keep"
+        )
     if out is not None and is_nonempty_dir(Path(out)) and not overwrite:
         raise SsmifyError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
     out_dtype = resolve_dtype(dtype) if dtype is not None else None
@@ -80,6 +95,14 @@ def convert(
     family = model.config.model_type
     adapter = get_adapter(family)
     blocks = adapter.decoder_layers(model)
+    windows = _calibration_windows(model, tokenizer, calibration_text)
+    calibration, held_out = windows[0::2], windows[1::2] if len(windows) > 1 else windows
+    sensitivity = None
+    if layer_choice == "sensitive" and 0 < len(plan.attention_layers) < plan.num_layers:
+        from ssmify.convert.sensitivity import layer_sensitivity, most_sensitive_layers
+
+        sensitivity = layer_sensitivity(model, calibration[:SENSITIVITY_WINDOWS], tokenizer, mixer, seed)
+        plan = LayerPlan(plan.num_layers, most_sensitive_layers(sensitivity, keep_attention))
     log.info("plan: %s", plan.describe())
 
     first = adapter.read_attention(getattr(blocks[0], adapter.attention_attr))
@@ -95,8 +118,6 @@ def convert(
     _copy_teacher_weights(student, model, adapter.attention_attr, plan)
     student.generation_config = model.generation_config
 
-    windows = _calibration_windows(model, tokenizer, calibration_text)
-    calibration, held_out = windows[0::2], windows[1::2] if len(windows) > 1 else windows
     mixers = mixer_layers(student)
     if init == "seeded" and plan.converted:
         attentions = {
@@ -121,6 +142,8 @@ def convert(
         "mixer": mixer,
         "init": init,
         "attention_layers": list(plan.attention_layers),
+        "layer_choice": layer_choice,
+        "layer_sensitivity": sensitivity,
         "converted_layers": list(plan.converted),
         "calibration_tokens": int(calibration.numel()),
         "eval_tokens": int(held_out.numel()),

@@ -292,7 +292,8 @@ def plan_run(
             elapsed,
             evaluation_s,
         )
-    recipe = fit_to_time(recipe, max(train_s, 1e-3), throughput.teacher)
+    converted_share = (num_layers - len(layers)) / num_layers
+    recipe = fit_to_time(recipe, max(train_s, 1e-3), throughput.teacher, converted_share)
     log.info(
         "plan: %.0f s already spent, ~%.1f min of training (teacher %.0f, student %.0f forward tokens/s), "
         "~%.1f min of evaluation",

@@ -1,9 +1,10 @@
 """Size a recipe's stage token budgets to a wall-clock budget (the CPU demo uses it).
 
 The cost of a stage is counted in teacher forward-pass tokens: on a given machine one training
-token of a stage costs STAGE_COST[name] of them, and one validation token EVAL_COST[name]. Given
-the teacher's forward throughput, every stage's `tokens` is scaled by one common factor so that
-the stages together should take about the requested time. Budgets stay whole multiples of
+token of a stage costs `stage_costs(share)[name]` of them, and one validation token
+`eval_costs(share)[name]`, where `share` is the share of the teacher's layers that became mixers.
+Given the teacher's forward throughput, every stage's `tokens` is scaled by one common factor so
+that the stages together should take about the requested time. Budgets stay whole multiples of
 global_batch_tokens and at least one batch.
 """
 
@@ -13,14 +14,40 @@ import math
 
 from ssmify.distill.recipe import Recipe, Stage
 
-# Teacher forward-token equivalents per token, measured roughly on SmolLM2-135M with half its layers
-# converted, on a shared 2-core CPU (PyTorch scan): a training token of the matrix stage (seq 64) costs
-# about 1.8 teacher forward tokens, of the hidden stage 2.3, of the logits stage 4.8 (the teacher forward,
-# plus the student's forward and backward, whose mixers cost more than attention there), checkpoints
-# included; a validation token 1.2, 1.7 and 3.8. Expect +-30%. Other conversion ratios, or a GPU with
-# the mamba_ssm kernels, give other ratios: pass measured ones.
-STAGE_COST = {"matrix": 1.8, "hidden": 2.3, "logits": 4.8}
-EVAL_COST = {"matrix": 1.2, "hidden": 1.7, "logits": 3.8}
+# Teacher forward-token equivalents per training token, with no layer and with every layer converted;
+# a share in between interpolates linearly. Measured on SmolLM2-135M (2 CPU cores, 2 threads, PyTorch
+# scan) in the demo's runs at 50% and 0% attention: a hidden-stage token cost 2.9 teacher forward tokens
+# with half the layers converted and 4.4 with all of them; a logits-stage token 3.7 and 4.6 (the
+# teacher's forward plus the student's forward and backward, whose mixers cost more than attention on
+# CPU). The matrix and hidden stages train only the converted layers, so they cost a teacher forward
+# alone when nothing is converted. The values err on the slow side; expect +-20% on another machine, and
+# other ratios on a GPU with the mamba_ssm kernels: pass measured ones.
+STAGE_COST = {
+    "none_converted": {"matrix": 1.0, "hidden": 1.0, "logits": 3.0},
+    "all_converted": {"matrix": 3.0, "hidden": 4.8, "logits": 4.8},
+}
+# The same for a validation token (forward passes only).
+EVAL_COST = {
+    "none_converted": {"matrix": 1.0, "hidden": 1.0, "logits": 3.6},
+    "all_converted": {"matrix": 1.4, "hidden": 2.4, "logits": 4.0},
+}
+HALF = 0.5
+
+
+def interpolated(costs: dict[str, dict[str, float]], converted_share: float) -> dict[str, float]:
+    """Per-stage costs for `converted_share` (0: no layer converted, 1: every layer) of the layers."""
+    low, high = costs["none_converted"], costs["all_converted"]
+    return {name: low[name] + (high[name] - low[name]) * converted_share for name in low}
+
+
+def stage_costs(converted_share: float = HALF) -> dict[str, float]:
+    """Teacher forward tokens per training token of each stage."""
+    return interpolated(STAGE_COST, converted_share)
+
+
+def eval_costs(converted_share: float = HALF) -> dict[str, float]:
+    """Teacher forward tokens per validation token of each stage."""
+    return interpolated(EVAL_COST, converted_share)
 
 
 def stage_seconds(
@@ -28,10 +55,13 @@ def stage_seconds(
     tokens: int,
     seq_len: int,
     forward_tokens_per_s: float,
-    stage_cost: dict[str, float] = STAGE_COST,
-    eval_cost: dict[str, float] = EVAL_COST,
+    stage_cost: dict[str, float] | None = None,
+    eval_cost: dict[str, float] | None = None,
 ) -> float:
-    """The expected seconds of a stage with `tokens` training tokens, validation included."""
+    """The expected seconds of a stage with `tokens` training tokens, validation included
+    (costs default to half the layers converted)."""
+    stage_cost = stage_cost or stage_costs()
+    eval_cost = eval_cost or eval_costs()
     steps = max(tokens // stage.global_batch_tokens, 1)
     evaluations = 2 + (steps // stage.eval_every if stage.eval_every else 0)
     eval_tokens = max(stage.eval_tokens // seq_len, 1) * seq_len
@@ -43,13 +73,18 @@ def fit_to_time(
     recipe: Recipe,
     seconds: float,
     forward_tokens_per_s: float,
-    stage_cost: dict[str, float] = STAGE_COST,
-    eval_cost: dict[str, float] = EVAL_COST,
+    converted_share: float = HALF,
+    stage_cost: dict[str, float] | None = None,
+    eval_cost: dict[str, float] | None = None,
 ) -> Recipe:
     """A copy of `recipe` whose stage token budgets, scaled by one common factor, fill about `seconds`.
 
-    forward_tokens_per_s is the teacher's forward throughput on this machine, at the recipe's seq_len.
+    forward_tokens_per_s is the teacher's forward throughput on this machine, at the recipe's seq_len;
+    converted_share the share of the teacher's layers that are mixers in the student. stage_cost and
+    eval_cost, when given, replace the built-in estimates.
     """
+    stage_cost = stage_cost or stage_costs(converted_share)
+    eval_cost = eval_cost or eval_costs(converted_share)
     seq_lens = [s.seq_len or recipe.data.seq_len for s in recipe.stages]
 
     def total(factor: float) -> float:

@@ -75,6 +75,9 @@ class DataConfig(StrictModel):
     shuffle_buffer: int = Field(10_000, ge=1)
 
 
+CONVERT_OPTIONS = ("mixer", "keep_attention", "attention_layers", "layer_choice", "init")
+
+
 class StudentConfig(StrictModel):
     """Either `path` (an existing converted student folder) or the options `ssmify convert` takes."""
 
@@ -82,13 +85,12 @@ class StudentConfig(StrictModel):
     mixer: Literal["mamba2", "discrete_mamba2"] | None = None
     keep_attention: float | None = Field(None, ge=0, le=1)
     attention_layers: list[int] | None = None
+    layer_choice: Literal["even", "sensitive"] | None = None
     init: Literal["seeded", "random"] | None = None
 
     @model_validator(mode="after")
     def _path_or_convert_options(self) -> StudentConfig:
-        options = [
-            k for k in ("mixer", "keep_attention", "attention_layers", "init") if getattr(self, k) is not None
-        ]
+        options = [k for k in CONVERT_OPTIONS if getattr(self, k) is not None]
         if self.path is not None and options:
             raise ValueError(
                 f"give either path or convert options, not both (got path and {', '.join(options)})"
@@ -99,8 +101,7 @@ class StudentConfig(StrictModel):
 
     def convert_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for `ssmify.convert.convert`, only those the recipe sets."""
-        keys = ("mixer", "keep_attention", "attention_layers", "init")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in CONVERT_OPTIONS if getattr(self, k) is not None}
 
 
 class Schedule(StrictModel):
