@@ -28,22 +28,11 @@ TABLE_ROWS = ("teacher", "seeded student, untrained", "distilled student")
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; more threads only contend
+def own_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SSMIFY_CACHE", str(tmp_path / "cache"))  # never the user's cache
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps its process state in class-level singletons: leave none behind for other tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_recipe(path: Path, cache: Path) -> Path:
@@ -94,11 +83,8 @@ def tiny_settings(assets: dict[str, Path], out: Path, **fields) -> DemoSettings:
 @pytest.fixture(scope="module")
 def finished(assets, tmp_path_factory):
     """One finished tiny demo run: (settings, result)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     settings = tiny_settings(assets, tmp_path_factory.mktemp("demo") / "run")
-    yield settings, run_demo(settings)
-    torch.set_num_threads(threads)
+    return settings, run_demo(settings)
 
 
 def test_tiny_demo_writes_the_report_with_the_table_and_plots(finished):

@@ -16,14 +16,6 @@ from ssmify.distill.objectives.logits import kd_loss
 from ssmify.distill.recipe import LossConfig, Stage
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; more threads only contend
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pair():
     """(teacher, student factory): a tiny Llama and fresh copies of its student (mixers in layers 0 and 2)."""

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from test_eval_support import (
     char_tokenizer,
-    one_thread,  # noqa: F401  (autouse fixture)
     save_model,
     write_texts,
 )

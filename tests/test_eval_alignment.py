@@ -9,7 +9,6 @@ import pytest
 import torch
 from test_eval_support import (
     char_tokenizer,
-    one_thread,  # noqa: F401  (autouse fixture)
     write_texts,
 )
 from tiny_models import tiny_model

@@ -7,7 +7,6 @@ import torch
 from test_eval_support import (
     RecallOracle,
     char_tokenizer,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 from tiny_models import tiny_model
 from transformers import Mamba2Config, Mamba2ForCausalLM

@@ -10,7 +10,6 @@ import string
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
@@ -23,16 +22,6 @@ TEXT = (
     "A state space model carries a fixed-size state from token to token, while attention looks back "
     "at every earlier token. The student keeps the teacher's embeddings, norms and feed-forward blocks. "
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes each
-    forward ~100x slower; modules that import this fixture run single-threaded, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

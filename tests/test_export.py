@@ -7,7 +7,6 @@ import json
 import pytest
 from safetensors.torch import load_file
 from test_eval_support import (
-    one_thread,  # noqa: F401  (autouse fixture)
     save_model,
     write_texts,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_eval_support import one_thread  # noqa: F401  (autouse: on shared cores, threads spin-wait)
 from test_export_support import check_in_fresh_process, save_reference
 
 import ssmify

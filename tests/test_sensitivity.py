@@ -12,14 +12,6 @@ from ssmify.convert.sensitivity import layer_sensitivity, mean_nll, most_sensiti
 from ssmify.errors import SsmifyError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; more threads only contend
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def teacher():
     return tiny_model("llama", num_hidden_layers=4)
