@@ -1,7 +1,7 @@
-"""Write a folder atomically: build it under a temporary name beside the target, then rename.
+"""Write files and folders atomically: build them under a temporary name beside the target, then rename.
 
-A reader never sees a half-written folder, and a run killed mid-write leaves the previous version
-intact (plus a stale temporary folder that the next write removes).
+A reader never sees a half-written file or folder, and a run killed mid-write leaves the previous
+version intact (plus a stale temporary that the next write removes or replaces).
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ssmify.errors import SsmifyError
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path` (named for this process), then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def is_nonempty_dir(path: Path) -> bool:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
 from ssmify.eval.data import load_data
 from ssmify.eval.options import EvalOptions
@@ -84,6 +84,4 @@ def _read_cache(path: Path, data_slice: EvalSlice) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, data_slice: EvalSlice, results: dict[str, dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"slice": asdict(data_slice), "results": results}, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"slice": asdict(data_slice), "results": results}, indent=1))

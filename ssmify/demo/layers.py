@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ssmify.assets import cache_root, read_documents
+from ssmify.atomic import write_text_atomic
 from ssmify.convert.plan import LayerPlan
 from ssmify.convert.sensitivity import layer_sensitivity, most_sensitive_layers
 from ssmify.errors import SsmifyError
@@ -79,11 +80,9 @@ def cached_sensitivity(
     )
     scores = layer_sensitivity(teacher, first_tokens(tokenizer, text, tokens)[None], tokenizer, mixer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
-        json.dumps({"teacher": str(teacher_dir), "text": str(text), "tokens": tokens, "scores": scores})
+    write_text_atomic(
+        path, json.dumps({"teacher": str(teacher_dir), "text": str(text), "tokens": tokens, "scores": scores})
     )
-    os.replace(tmp, path)
     return scores
 
 

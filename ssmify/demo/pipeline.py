@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ssmify.atomic import atomic_directory, is_nonempty_dir
+from ssmify.atomic import atomic_directory, is_nonempty_dir, write_text_atomic
 from ssmify.convert.teacher import load_config, load_teacher
 from ssmify.demo.budget import (
     Throughput,
@@ -144,7 +144,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         )
     if saved is None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / STATE_FILE, {"request": request})
+        write_text_atomic(out / STATE_FILE, json.dumps({"request": request}, indent=1))
         plan = plan_run(
             settings, base, recipe_path, request, teacher_dir, train, heldout, num_layers, started, phases
         )
@@ -171,7 +171,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             )
     finally:
         phases["total"] = time.perf_counter() - started
-        _write_json_atomic(out / STATE_FILE, plan)
+        write_text_atomic(out / STATE_FILE, json.dumps(plan, indent=1))
 
     step(6, "report")
     kept = len(plan["attention_layers"])
@@ -323,7 +323,7 @@ def plan_run(
             "speed_context": settings.speed_context,
         },
     }
-    _write_json_atomic(out / STATE_FILE, plan)
+    write_text_atomic(out / STATE_FILE, json.dumps(plan, indent=1))
     return plan
 
 
@@ -466,9 +466,3 @@ def timed(phases: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

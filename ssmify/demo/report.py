@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ssmify.atomic import write_text_atomic
 from ssmify.demo.plots import plot_perplexity, plot_stage_losses
 
 PERPLEXITY_TARGET = 1.5  # the distilled student's perplexity goal, as a multiple of the teacher's
@@ -172,8 +173,8 @@ def write_report(report: dict, out: Path) -> Path:
     """Write report.json, loss_curves.png, perplexity.png and report.md into `out`; returns report.md."""
     plot_stage_losses(report["stages"], out / "loss_curves.png")
     plot_perplexity(report["rows"], out / "perplexity.png", PERPLEXITY_TARGET)
-    _write_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
-    _write_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report))
     return out / "report.md"
 
 
@@ -290,9 +291,3 @@ def describe_speed(ratios: dict) -> str:
     if ratios.get("state_ratio") is not None:
         parts.append(f"decoding state {ratios['state_ratio']:.2f}x the teacher's KV cache")
     return ", ".join(parts) or "not measured"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

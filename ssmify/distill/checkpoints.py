@@ -15,15 +15,15 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from ssmify.atomic import write_text_atomic
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

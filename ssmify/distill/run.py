@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import yaml
 from accelerate import PartialState
 from torch import nn
 
+from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
 from ssmify.distill.data import check_data_files, load_data
 from ssmify.distill.loop import SUMMARY_FILE, StageContext, train_stage
@@ -103,9 +103,7 @@ def record_recipe(recipe: Recipe, path: Path, resume: bool) -> None:
         if changed:
             logger.warning("resuming with a recipe that differs from %s in: %s", path, ", ".join(changed))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def find_or_convert_student(

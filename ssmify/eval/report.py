@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from ssmify.atomic import write_text_atomic
 from ssmify.eval.plots import plot_alignment, plot_recall, plot_speed
 
 PLOTS = {"alignment": plot_alignment, "recall": plot_recall, "speed": plot_speed}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename, so a killed run never leaves half a report."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -170,8 +163,8 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
         if key in report and (report[key].get("points") or report[key].get("layers")):
             plot(report[key], out / f"{key}.png")
             report["plots"][key] = f"{key}.png"
-    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report))
     return {
         "json": out / "report.json",
         "markdown": out / "report.md",
