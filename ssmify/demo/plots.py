@@ -36,7 +36,7 @@ def plot_stage_losses(summaries: list[dict], path: Path) -> Path:
             xlabel="optimizer step",
             ylabel=STAGE_LOSS.get(name, "loss"),
         )
-        if min(losses) > 0 and max(losses) / min(losses) > 20:
+        if min(losses) > 0 and max(losses) / min(losses) > LOG_SCALE_SPAN:
             axis.set_yscale("log")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend()
