@@ -76,7 +76,9 @@ def test_init_ablation_scores_every_stage_of_four_students_at_one_token_budget(w
 def test_decode_measures_all_three_models_and_the_ssm_state_stays_constant(workspace: Path):
     report = workspace / "decode.json"
     stdout = run_script(
-        "decode.py", "--teacher", str(workspace / "teacher"), "--threads", "1", "--json", str(report)
+        "decode.py",
+        *("--teacher", str(workspace / "teacher"), "--threads", "1", "--json", str(report)),
+        "--static-teacher",
     )
     result = json.loads(report.read_text())
     points = result["points"]
@@ -96,6 +98,13 @@ def test_decode_measures_all_three_models_and_the_ssm_state_stays_constant(works
     assert teacher_states[1] == 2 * teacher_states[0]  # the KV cache grows linearly with the context
     assert ssm_states[0] < hybrid_states[0] < teacher_states[0]
     assert "pure-SSM decoding state constant across contexts: yes" in stdout
+    for point in points:  # the teacher with a preallocated StaticCache, measured beside the others
+        static = point["teacher_static"]
+        assert static["decode_tokens_per_s"] > 0 and static["state_bytes"] >= point["teacher"]["state_bytes"]
+        assert point["ssm_decode_speedup_vs_static"] == pytest.approx(
+            point["ssm"]["decode_tokens_per_s"] / static["decode_tokens_per_s"]
+        )
+    assert "SSM/static teacher" in stdout
 
 
 def test_distill_throughput_times_each_stage_loop_against_its_raw_steps(workspace: Path):

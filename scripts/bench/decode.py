@@ -18,11 +18,17 @@ RoPE extends to any position, so the speed is real even though the teacher's qua
 
     python scripts/bench/decode.py                      # SmolLM2-135M, contexts 512 2048 8192 16384
     python scripts/bench/decode.py --quick --teacher DIR   # tiny contexts: a smoke test
+    python scripts/bench/decode.py --lengths 8192 --static-teacher   # also the teacher with a StaticCache
+
+--static-teacher adds the teacher decoding with transformers' StaticCache (preallocated to the
+context plus the new tokens, so no per-token copy of the cache), the strongest plain-transformers
+baseline on CPU; the pure SSM's speedup over it is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import logging
@@ -32,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("teacher", "ssm", "hybrid")
 LABELS = {
     "teacher": "teacher (KV cache)",
+    "teacher_static": "teacher (static KV cache)",
     "ssm": "pure SSM (0% attention)",
     "hybrid": "hybrid (50% attention)",
 }
@@ -76,6 +82,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
+        "--static-teacher",
+        action="store_true",
+        help="also measure the teacher with transformers' StaticCache",
+    )
+    parser.add_argument(
         "--profile", type=int, metavar="LENGTH", help="after measuring, profile decoding at this context"
     )
     args = parser.parse_args()
@@ -100,6 +111,11 @@ def main() -> None:
         "ssm": convert(teacher, keep_attention=0.0, init="random", tokenizer=tokenizer).eval(),
         "hybrid": convert(teacher, keep_attention=0.5, init="random", tokenizer=tokenizer).eval(),
     }
+    if args.static_teacher:
+        static = copy.copy(teacher)  # the same weights; only its generation config differs
+        static.generation_config = copy.deepcopy(teacher.generation_config)
+        static.generation_config.cache_implementation = "static"
+        models["teacher_static"] = static
     limit = max_positions(teacher)
     generator = torch.Generator().manual_seed(0)
     pool = ordinary_tokens(tokenizer, teacher)
@@ -137,6 +153,11 @@ def main() -> None:
                 point[f"{name}_state_ratio"] = ours["state_bytes"] / theirs["state_bytes"]
                 if ours["peak_memory_bytes"] and theirs["peak_memory_bytes"]:
                     point[f"{name}_memory_ratio"] = ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
+        static = point.get("teacher_static", {})
+        if "decode_tokens_per_s" in static and "decode_tokens_per_s" in point["ssm"]:
+            point["ssm_decode_speedup_vs_static"] = (
+                point["ssm"]["decode_tokens_per_s"] / static["decode_tokens_per_s"]
+            )
         points.append(point)
     seconds = time.perf_counter() - started
 
@@ -160,14 +181,21 @@ def main() -> None:
             f"{cell(p, 'ssm', 'decode_tokens_per_s', '8.2f')} | {cell(p, 'hybrid', 'decode_tokens_per_s', '8.2f')} | "
             f"{p.get('ssm_decode_speedup', float('nan')):>10.2f}x | {p.get('hybrid_decode_speedup', float('nan')):>13.2f}x"
         )
+    if args.static_teacher:
+        print("\nteacher with a StaticCache: decode tokens/s, and the pure SSM's speedup over it")
+        for p in points:
+            print(
+                f"{p['length']:>7} | {cell(p, 'teacher_static', 'decode_tokens_per_s', '8.2f')} | "
+                f"SSM/static teacher {p.get('ssm_decode_speedup_vs_static', float('nan')):.2f}x"
+            )
     print("\nprefill seconds (one forward over the context)")
     for p in points:
-        print(f"{p['length']:>7} | " + " | ".join(f"{n} {cell(p, n, 'prefill_s', '8.2f')}" for n in MODELS))
+        print(f"{p['length']:>7} | " + " | ".join(f"{n} {cell(p, n, 'prefill_s', '8.2f')}" for n in models))
     print("\ndecoding state (exact cache bytes after the prefill), MiB; ratio to the teacher")
     for p in points:
         print(
             f"{p['length']:>7} | "
-            + " | ".join(f"{n} {mib(p[n].get('state_bytes')):>7}" for n in MODELS)
+            + " | ".join(f"{n} {mib(p[n].get('state_bytes')):>7}" for n in models)
             + f" | SSM/teacher {p.get('ssm_state_ratio', float('nan')):.4f} | hybrid/teacher "
             f"{p.get('hybrid_state_ratio', float('nan')):.3f}"
         )
@@ -175,7 +203,7 @@ def main() -> None:
     for p in points:
         print(
             f"{p['length']:>7} | "
-            + " | ".join(f"{n} {mib(p[n].get('peak_memory_bytes')):>7}" for n in MODELS)
+            + " | ".join(f"{n} {mib(p[n].get('peak_memory_bytes')):>7}" for n in models)
         )
     ssm_states = {p["ssm"].get("state_bytes") for p in points}
     teacher_states = [p["teacher"].get("state_bytes") for p in points]
