@@ -25,6 +25,7 @@ from ssmify.eval.data import EvalData, load_data, make_windows, read_documents
 from ssmify.eval.options import EvalOptions
 from ssmify.eval.perplexity import perplexity
 from ssmify.eval.report import render_markdown, write_report
+from ssmify.eval.retrieval import summarize
 
 QUIET = EvalOptions(seq_len=64, batch_size=3, progress=False)
 
@@ -169,25 +170,56 @@ def test_markdown_puts_teacher_beside_student_only_when_there_is_one():
     assert "teacher" not in alone
 
 
-def test_report_writes_json_markdown_and_plots(tmp_path):
+def test_report_writes_json_markdown_and_one_retrieval_plot(tmp_path):
     recall_result = {
-        "points": [{"length": 64, "pairs": 20, "queries": 8, "accuracy": 0.25, "teacher_accuracy": 0.75}],
+        "points": [
+            {
+                "length": 64,
+                "pairs": 20,
+                "queries": 8,
+                "accuracy": 0.25,
+                "teacher_accuracy": 0.75,
+                "retention": 1 / 3,
+                "meaningful": True,
+            },
+        ],
         "skipped": [{"length": 512, "reason": "beyond max_position_embeddings=256"}],
         "samples": 1,
         "queries_per_sample": 8,
         "chance": 0.02,
+        "separated": True,
     }
+    passkey_result = {
+        "points": [
+            {
+                "length": 64,
+                "scored": 4,
+                "accuracy": 0.0,
+                "teacher_accuracy": 0.25,
+                "retention": 0.0,
+                "meaningful": False,
+            },
+        ],
+        "skipped": [],
+        "samples": 4,
+    }
+    results = {"recall": recall_result, "passkey": passkey_result}
+    summary = summarize(results)
     written = write_report(
-        {"model": "s", "teacher": "t", "tasks": ["recall"], "recall": recall_result}, tmp_path
+        {"model": "s", "teacher": "t", "tasks": ["passkey", "recall"], **results, "retrieval": summary},
+        tmp_path,
     )
     report = json.loads(written["json"].read_text())
     assert report["recall"] == recall_result
-    assert report["plots"] == {"recall": "recall.png"}
-    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["plots"] == {"retrieval": "retrieval.png"}
+    assert (tmp_path / "retrieval.png").read_bytes()[:4] == b"\x89PNG"
     markdown = written["markdown"].read_text()
-    assert "![recall](recall.png)" in markdown
-    assert "| 64 | 20 | 8 | 0.25 | 0.75 |" in markdown
-    assert "skipped 512: beyond max_position_embeddings=256" in markdown
+    assert "![retrieval](retrieval.png)" in markdown
+    assert "| recall | 64 | 8 | 0.25 | 0.75 | 0.333 |" in markdown
+    assert "| passkey | 64 | 4 | 0 | 0.25 | 0 (teacher < 50%) |" in markdown
+    assert "recall skipped at 512: beyond max_position_embeddings=256" in markdown
+    assert "**Overall retention 0.333**" in markdown
+    assert "below 50% at: passkey at 64; retention there is not meaningful" in markdown
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +285,7 @@ def test_cli_writes_a_side_by_side_report(model_dirs, texts, tmp_path, capsys):
     assert report["perplexity"]["teacher_value"] == pytest.approx(
         hf_perplexity(teacher_model, windows), rel=5e-3
     )
-    assert report["plots"] == {name: f"{name}.png" for name in ("alignment", "recall", "speed")}
+    assert report["plots"] == {name: f"{name}.png" for name in ("alignment", "retrieval", "speed")}
     assert all((out / f"{name}.png").is_file() for name in report["plots"])
     markdown = (out / "report.md").read_text()
     assert f"- teacher: `{teacher}`" in markdown

@@ -12,19 +12,20 @@ from tiny_models import tiny_model
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from ssmify.convert import convert
+from ssmify.convert.lookup import RecallFormat, kv_sample, separator, split_pools
 from ssmify.eval.data import EvalData
 from ssmify.eval.options import EvalOptions
-from ssmify.eval.recall import RecallFormat, make_sample, ordinary_tokens, recall, separator, split_pools
+from ssmify.eval.recall import ordinary_tokens, recall
 from ssmify.eval.speed import speed, tensor_bytes
 
-RECALL = EvalOptions(recall_lengths=(48, 128, 256, 512), recall_samples=3, recall_queries=8, progress=False)
+RECALL = EvalOptions(lengths=(48, 128, 256, 512), samples=3, recall_queries=8, progress=False)
 
 
 @pytest.mark.parametrize("separator_id", [None, 7])
 def test_recall_sample_layout_is_pairs_then_queries_of_their_values(separator_id):
     keys, values = torch.arange(10, 60), torch.arange(60, 110)
     form = RecallFormat(bos_id=1, separator_id=separator_id)
-    sample = make_sample(50, 4, keys, values, form, torch.Generator().manual_seed(0))
+    sample = kv_sample(50, 4, keys, values, form, torch.Generator().manual_seed(0))
     ids = sample.input_ids.tolist()
     width = 2 if separator_id is None else 3
     pairs_end = 50 - width * 4
@@ -36,7 +37,7 @@ def test_recall_sample_layout_is_pairs_then_queries_of_their_values(separator_id
     assert all(k in range(10, 60) and v in range(60, 110) for k, v in pairs.items())
     if separator_id is not None:
         assert body[2::3] == [separator_id] * len(pairs) and ids[-1] == separator_id
-    for position, answer in zip(sample.query_positions.tolist(), sample.answers.tolist()):
+    for position, answer in zip(sample.positions.tolist(), sample.answers.tolist()):
         assert position >= pairs_end and pairs[ids[position]] == answer and ids[position + 1] == answer
 
 
@@ -49,7 +50,7 @@ def test_recall_oracle_scores_one_and_a_wrong_oracle_zero_with_honest_skips():
     reasons = {s["length"]: s["reason"] for s in oracle["skipped"]}
     assert reasons[256].startswith("needs 119 distinct keys")  # 127 ordinary ids (all but BOS): 63 keys
     assert reasons[512] == "beyond max_position_embeddings=256"
-    separated = EvalOptions(recall_lengths=(48, 96), recall_samples=2, recall_queries=4, progress=False)
+    separated = EvalOptions(lengths=(48, 96), samples=2, recall_queries=4, progress=False)
     result = recall(RecallOracle(), None, EvalData(char_tokenizer()), separated)
     assert result["separated"] and [p["accuracy"] for p in result["points"]] == [1.0, 1.0]
 
@@ -65,11 +66,19 @@ def test_recall_pools_avoid_special_tokens_and_the_separator_is_a_comma():
 
 
 def test_recall_runs_on_a_tiny_model_with_the_documented_keys():
-    options = EvalOptions(recall_lengths=(40, 64), recall_samples=2, recall_queries=4, progress=False)
+    options = EvalOptions(lengths=(40, 64), samples=2, recall_queries=4, progress=False)
     result = recall(tiny_model("llama"), tiny_model("llama", seed=1), EvalData(char_tokenizer()), options)
     assert set(result) == {"points", "skipped", "samples", "queries_per_sample", "chance", "separated"}
     for point in result["points"]:
-        assert set(point) == {"length", "pairs", "queries", "accuracy", "teacher_accuracy"}
+        assert set(point) == {
+            "length",
+            "pairs",
+            "queries",
+            "accuracy",
+            "teacher_accuracy",
+            "retention",
+            "meaningful",
+        }
         assert 0.0 <= point["accuracy"] <= 1.0 and 0.0 <= point["teacher_accuracy"] <= 1.0
     assert result["chance"] == pytest.approx(1 / 37)  # 74 ordinary characters but ",": 36 keys, 37 values
     assert result["separated"]

@@ -10,8 +10,8 @@ from ssmify.errors import SsmifyError
 log = logging.getLogger(__name__)
 
 TASK_HELP = (
-    "comma list of perplexity, agreement, alignment, recall, speed, lm-eval:TASK "
-    "(default: perplexity, plus agreement with --teacher)"
+    "comma list of perplexity, agreement, alignment, induction, passkey, recall, retrieval (= induction, "
+    "passkey, recall), speed, lm-eval:TASK (default: perplexity, plus agreement with --teacher)"
 )
 
 
@@ -29,7 +29,7 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 def register(subparsers) -> None:
     """Add the `eval` subcommand."""
-    from ssmify.eval.options import RECALL_LENGTHS, SPEED_LENGTHS, EvalOptions
+    from ssmify.eval.options import RETRIEVAL_LENGTHS, SPEED_LENGTHS, EvalOptions
 
     defaults = EvalOptions()
     parser = subparsers.add_parser(
@@ -64,13 +64,32 @@ def register(subparsers) -> None:
     alignment.add_argument(
         "--alignment-seq-len", type=int, default=defaults.alignment_seq_len, help="tokens per window (O(L^2))"
     )
-    recall = parser.add_argument_group("recall")
-    recall.add_argument("--recall-lengths", type=_lengths, default=RECALL_LENGTHS, metavar="N,N,...")
-    recall.add_argument(
-        "--recall-samples", type=int, default=defaults.recall_samples, help="sequences per length"
+    retrieval = parser.add_argument_group("retrieval (induction, passkey, recall)")
+    retrieval.add_argument(
+        "--lengths",
+        "--recall-lengths",
+        dest="lengths",
+        type=_lengths,
+        default=RETRIEVAL_LENGTHS,
+        metavar="N,N,...",
+        help="context lengths (default %(default)s; those past the models' positions are skipped)",
     )
-    recall.add_argument(
-        "--recall-queries", type=int, default=defaults.recall_queries, help="queries per sequence"
+    retrieval.add_argument(
+        "--samples",
+        "--recall-samples",
+        dest="samples",
+        type=int,
+        default=defaults.samples,
+        help="sequences per task and length (the same ones for student and teacher)",
+    )
+    retrieval.add_argument(
+        "--recall-queries", type=int, default=defaults.recall_queries, help="keys asked per recall sequence"
+    )
+    retrieval.add_argument(
+        "--filler",
+        choices=("builtin", "data"),
+        default=defaults.filler,
+        help="the haystack of induction and passkey: the built-in passkey filler, or the --data text",
     )
     speed = parser.add_argument_group("speed")
     speed.add_argument("--speed-lengths", type=_lengths, default=SPEED_LENGTHS, metavar="N,N,...")
@@ -95,7 +114,7 @@ def _check_positive(args: argparse.Namespace) -> None:
         "batch_size",
         "alignment_windows",
         "alignment_seq_len",
-        "recall_samples",
+        "samples",
         "recall_queries",
         "decode_tokens",
         "max_tokens",
@@ -117,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     _check_positive(args)
     tasks = parse_tasks(args.tasks) if args.tasks else default_tasks(args.teacher is not None)
     check_tasks(tasks, has_teacher=args.teacher is not None, has_data=bool(args.data))
+    if args.filler == "data" and not args.data:
+        raise SsmifyError("--filler data takes the haystack from --data: pass --data FILE")
     check_files(args.data)
     options = EvalOptions(
         seq_len=args.seq_len,
@@ -124,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         alignment_windows=args.alignment_windows,
         alignment_seq_len=args.alignment_seq_len,
-        recall_lengths=args.recall_lengths,
-        recall_samples=args.recall_samples,
+        lengths=args.lengths,
+        samples=args.samples,
         recall_queries=args.recall_queries,
+        filler=args.filler,
         speed_lengths=args.speed_lengths,
         decode_tokens=args.decode_tokens,
         lm_eval_tasks=lm_eval_names(tasks),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECALL_LENGTHS = (256, 512, 1024, 2048, 4096)
+RETRIEVAL_LENGTHS = (256, 1024, 2048, 4096)
 SPEED_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -12,8 +12,10 @@ SPEED_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 class EvalOptions:
     """What to measure and how much of it.
 
-    seq_len / max_tokens / batch_size shape the windows that perplexity, agreement and alignment
-    score; the recall_* and speed_* fields size those two tasks; lm_eval_* name the harness tasks.
+        seq_len / max_tokens / batch_size shape the windows that perplexity, agreement and alignment
+        score; lengths / samples size the retrieval tasks (induction, passkey, recall: samples per task
+    and length), filler is their haystack ("builtin" or "data"), recall_queries the keys asked per recall
+    sample; the speed_* fields size speed; lm_eval_* name the harness tasks.
     """
 
     seq_len: int = 512
@@ -21,9 +23,10 @@ class EvalOptions:
     batch_size: int = 4
     alignment_windows: int = 2
     alignment_seq_len: int = 256
-    recall_lengths: tuple[int, ...] = RECALL_LENGTHS
-    recall_samples: int = 16
+    lengths: tuple[int, ...] = RETRIEVAL_LENGTHS
+    samples: int = 8
     recall_queries: int = 8
+    filler: str = "builtin"
     speed_lengths: tuple[int, ...] = SPEED_LENGTHS
     decode_tokens: int = 32
     lm_eval_tasks: list[str] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""PNG plots for the report: alignment error per layer, recall against length, speed against length."""
+"""PNG plots for the report: alignment error per layer, retrieval against length, speed against length."""
 
 from __future__ import annotations
 
@@ -38,20 +38,20 @@ def plot_alignment(result: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_recall(result: dict, path: Path) -> Path:
-    """Associative-recall accuracy against context length, with chance level."""
-    points = result["points"]
-    lengths = [p["length"] for p in points]
-    figure, axis = plt.subplots(figsize=(6.4, 3.6))
-    axis.plot(lengths, [p["accuracy"] for p in points], "o-", color=STUDENT, label="student")
-    if points and "teacher_accuracy" in points[0]:
-        axis.plot(lengths, [p["teacher_accuracy"] for p in points], "s--", color=TEACHER, label="teacher")
-    axis.axhline(result["chance"], color="tab:red", lw=0.8, ls=":", label="chance")
-    axis.set_xscale("log", base=2)
-    axis.set(
-        xlabel="context length (tokens)", ylabel="accuracy", title="Associative recall", ylim=(-0.02, 1.02)
-    )
-    axis.legend()
+def plot_retrieval(report: dict, path: Path) -> Path:
+    """Accuracy against context length, student and teacher, one panel per retrieval task."""
+    tasks = [task for task in ("induction", "passkey", "recall") if report.get(task, {}).get("points")]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for axis, task in zip(axes.flat, tasks):
+        points = report[task]["points"]
+        lengths = [p["length"] for p in points]
+        axis.plot(lengths, [p["accuracy"] for p in points], "o-", color=STUDENT, label="student")
+        if "teacher_accuracy" in points[0]:
+            axis.plot(lengths, [p["teacher_accuracy"] for p in points], "s--", color=TEACHER, label="teacher")
+        axis.set_xscale("log", base=2)
+        axis.set(xlabel="context length (tokens)", ylabel="accuracy", title=task, ylim=(-0.02, 1.02))
+        axis.legend()
+    figure.suptitle("In-context retrieval")
     return _save(figure, path)
 
 

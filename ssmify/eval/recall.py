@@ -17,107 +17,35 @@ pair into memory, which is where SSMs are known to fall short as the context gro
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ssmify.convert import lookup
+from ssmify.convert.lookup import LookupSample, RecallFormat, kv_sample, lookup_scores, separator, split_pools
 from ssmify.eval.data import EvalData
 from ssmify.eval.options import EvalOptions
-from ssmify.eval.scan import logits, max_positions, vocab_size
+from ssmify.eval.retrieval import add_retention, length_limit
+from ssmify.eval.scan import vocab_size
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RecallSample:
-    """One sequence, the positions of its query keys, and the values expected after them."""
-
-    input_ids: torch.Tensor  # (L,)
-    query_positions: torch.Tensor  # (m,)
-    answers: torch.Tensor  # (m,)
 
 
 def ordinary_tokens(tokenizer: PreTrainedTokenizerBase | None, model: PreTrainedModel) -> torch.Tensor:
     """Ids that decode to ordinary text: inside both the tokenizer and the logits, not special, not added."""
     config = model.config
-    if tokenizer is None:
-        size = vocab_size(model)
-        special = {getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    else:
-        size = min(len(tokenizer), vocab_size(model))
-        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return torch.tensor([i for i in range(size) if i not in special], dtype=torch.long)
+    special = {getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return lookup.ordinary_tokens(tokenizer, vocab_size(model), special)
 
 
-def split_pools(tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint random halves of the ordinary tokens: (keys, values)."""
-    shuffled = tokens[torch.randperm(len(tokens), generator=generator)]
-    half = len(shuffled) // 2
-    return shuffled[:half], shuffled[half:]
-
-
-@dataclass(frozen=True)
-class RecallFormat:
-    """The tokens around the pairs: an optional BOS first, an optional separator after every pair."""
-
-    bos_id: int | None = None
-    separator_id: int | None = None
-
-    @property
-    def pair_width(self) -> int:
-        return 2 if self.separator_id is None else 3
-
-    def pair_count(self, length: int, queries: int) -> int:
-        """How many key-value pairs fit in `length` tokens next to BOS and the queries."""
-        return (length - int(self.bos_id is not None)) // self.pair_width - queries
-
-
-def separator(tokenizer: PreTrainedTokenizerBase | None) -> int | None:
-    """The id of ",", if the tokenizer has it as a single token."""
-    if tokenizer is None:
-        return None
-    ids = tokenizer(",", add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
-
-
-def make_sample(
-    length: int,
-    queries: int,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    form: RecallFormat,
-    generator: torch.Generator,
-) -> RecallSample:
-    """A sequence of exactly `length` tokens; what is left over becomes filler value tokens after BOS."""
-    prefix = [] if form.bos_id is None else [form.bos_id]
-    pairs = form.pair_count(length, queries)
-    filler = length - len(prefix) - form.pair_width * (pairs + queries)
-    pair_keys = keys[torch.randperm(len(keys), generator=generator)[:pairs]]
-    pair_values = values[torch.randint(len(values), (pairs,), generator=generator)]
-    asked = torch.randperm(pairs, generator=generator)[:queries]
-    filler_ids = values[torch.randint(len(values), (filler,), generator=generator)]
-
-    def interleave(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        columns = [k, v] if form.separator_id is None else [k, v, torch.full_like(k, form.separator_id)]
-        return torch.stack(columns, dim=1).flatten()
-
-    context, questions = interleave(pair_keys, pair_values), interleave(pair_keys[asked], pair_values[asked])
-    input_ids = torch.cat([torch.tensor(prefix, dtype=torch.long), filler_ids, context, questions])
-    first_query = len(prefix) + filler + form.pair_width * pairs
-    positions = first_query + form.pair_width * torch.arange(queries)
-    return RecallSample(input_ids, positions, pair_values[asked])
-
-
-def accuracy(model: PreTrainedModel, samples: list[RecallSample], desc: str, progress: bool) -> float:
+def accuracy(model: PreTrainedModel, samples: list[LookupSample], desc: str, progress: bool) -> float:
     """The share of queries whose next-token argmax is the right value."""
     correct = total = 0
     for sample in tqdm(samples, desc=desc, unit="seq", disable=not progress):
-        predicted = logits(model, sample.input_ids[None])[0, sample.query_positions].argmax(-1).cpu()
-        correct += int((predicted == sample.answers).sum())
-        total += len(sample.answers)
+        right, scored, _ = lookup_scores(model, [sample])
+        correct, total = correct + right, total + scored
     return correct / total
 
 
@@ -129,7 +57,8 @@ def recall(
 ) -> dict:
     """Accuracy against context length for the student (and the teacher, on the very same samples).
 
-    Returns {"points": [{"length", "pairs", "queries", "accuracy", "teacher_accuracy"}], "skipped":
+    Returns {"points": [{"length", "pairs", "queries", "accuracy", "teacher_accuracy", "retention",
+    "meaningful"}], "skipped":
     [{"length", "reason"}], "samples", "queries_per_sample", "chance", "separated"}.
     """
     options = options or EvalOptions()
@@ -141,17 +70,16 @@ def recall(
     if form.separator_id is not None:
         tokens = tokens[tokens != form.separator_id]
     keys, values = split_pools(tokens, generator)
-    declared = [max_positions(m) for m in (model, teacher) if m is not None]
-    limit = min((n for n in declared if n is not None), default=None)
+    limit = length_limit(model, teacher)
     result = {
         "points": [],
         "skipped": [],
-        "samples": options.recall_samples,
+        "samples": options.samples,
         "queries_per_sample": options.recall_queries,
         "chance": 1 / max(len(values), 1),
         "separated": form.separator_id is not None,
     }
-    for length in options.recall_lengths:
+    for length in options.lengths:
         pairs = form.pair_count(length, options.recall_queries)
         reason = None
         if limit is not None and length > limit:
@@ -165,19 +93,19 @@ def recall(
             result["skipped"].append({"length": length, "reason": reason})
             continue
         samples = [
-            make_sample(length, options.recall_queries, keys, values, form, generator)
-            for _ in range(options.recall_samples)
+            kv_sample(length, options.recall_queries, keys, values, form, generator)
+            for _ in range(options.samples)
         ]
         point = {
             "length": length,
             "pairs": pairs,
-            "queries": options.recall_samples * options.recall_queries,
+            "queries": options.samples * options.recall_queries,
             "accuracy": accuracy(model, samples, f"recall {length} student", options.progress),
         }
         if teacher is not None:
             point["teacher_accuracy"] = accuracy(
                 teacher, samples, f"recall {length} teacher", options.progress
             )
-        log.info("recall at %d: %s", length, point)
+        log.info("recall at %d: %s", length, add_retention(point))
         result["points"].append(point)
     return result

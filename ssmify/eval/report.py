@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 from ssmify.atomic import write_text_atomic
-from ssmify.eval.plots import plot_alignment, plot_recall, plot_speed
+from ssmify.eval.plots import plot_alignment, plot_retrieval, plot_speed
+from ssmify.eval.retrieval import MEANINGFUL, RETRIEVAL_TASKS
 
-PLOTS = {"alignment": plot_alignment, "recall": plot_recall, "speed": plot_speed}
+PLOTS = {"alignment": plot_alignment, "speed": plot_speed}
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -68,25 +69,50 @@ def _alignment(result: dict) -> list[str]:
     ]
 
 
-def _recall(result: dict, has_teacher: bool) -> list[str]:
-    header = ["context", "pairs", "queries", "student"] + (["teacher"] if has_teacher else [])
-    rows = []
-    for p in result["points"]:
-        row = [str(p["length"]), str(p["pairs"]), str(p["queries"]), _num(p["accuracy"], 3)]
-        if has_teacher:
-            row.append(_num(p.get("teacher_accuracy"), 3))
-        rows.append(row)
+def _retrieval(report: dict, has_teacher: bool) -> list[str]:
+    """One table over the retrieval tasks: accuracy per task and length, and retention against the teacher."""
+    header = ["task", "context", "scored", "student"] + (["teacher", "retention"] if has_teacher else [])
+    rows, skipped = [], []
+    for task in RETRIEVAL_TASKS:
+        if task not in report:
+            continue
+        for p in report[task]["points"]:
+            row = [task, str(p["length"]), str(p.get("scored", p.get("queries"))), _num(p["accuracy"], 3)]
+            if has_teacher:
+                mark = "" if p["meaningful"] else " (teacher < 50%)"
+                row += [_num(p["teacher_accuracy"], 3), _num(p.get("retention"), 3) + mark]
+            rows.append(row)
+        skipped += [f"- {task} skipped at {s['length']}: {s['reason']}" for s in report[task]["skipped"]]
+    if "recall" in report:
+        recall = report["recall"]
+        skipped.append(
+            f"- recall: {recall['queries_per_sample']} keys asked per sample, chance {recall['chance']:.2g}"
+            + ("" if recall["separated"] else "; no single-token separator between pairs")
+        )
     lines = [
-        "## Associative recall",
+        "## In-context retrieval",
         "",
-        "Key-value pairs of random ordinary tokens fill the context, then keys are asked again; accuracy is "
-        f"the share of queries whose next token is the right value (chance {result['chance']:.2g}). "
-        "Fixed-size recurrent states are known to lose this as the context grows.",
+        "induction: a planted run of random words repeated at the end, the share of its second copy "
+        "predicted exactly; passkey: a 5-digit passkey hidden in filler, right when the greedy generated "
+        "answer contains it; recall: the value after each asked key. Student and teacher see the same "
+        "samples. Retention is student / teacher accuracy.",
         "",
         *_table(header, rows),
+        *skipped,
     ]
-    lines += [f"- skipped {s['length']}: {s['reason']}" for s in result["skipped"]]
-    return lines + ([""] if result["skipped"] else [])
+    summary = report.get("retrieval")
+    if summary:
+        by_length = ", ".join(f"{n}: {_num(v, 3)}" for n, v in summary["by_length"].items())
+        lines += [
+            f"**Overall retention {_num(summary['overall'], 3)}** (by length: {by_length}), over the points "
+            f"where the teacher scores at least {MEANINGFUL:.0%}.",
+        ]
+        if summary["not_meaningful"]:
+            left_out = ", ".join(f"{p['task']} at {p['length']}" for p in summary["not_meaningful"])
+            lines.append(
+                f"The teacher itself is below {MEANINGFUL:.0%} at: {left_out}; retention there is not meaningful."
+            )
+    return lines + [""]
 
 
 def _speed(result: dict, has_teacher: bool) -> list[str]:
@@ -144,7 +170,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- teacher: `{report['teacher']}`")
     lines += [f"- tasks: {', '.join(report.get('tasks', []))}", ""]
     lines += _quality(report, has_teacher)
-    sections = {"alignment": lambda result, _: _alignment(result), "recall": _recall, "speed": _speed}
+    if any(task in report for task in RETRIEVAL_TASKS):
+        lines += _retrieval(report, has_teacher)
+        if "retrieval" in report.get("plots", {}):
+            lines += [f"![retrieval]({report['plots']['retrieval']})", ""]
+    sections = {"alignment": lambda result, _: _alignment(result), "speed": _speed}
     for key, render in {**sections, "lm_eval": _lm_eval}.items():
         if key in report:
             lines += render(report[key], has_teacher)
@@ -163,6 +193,9 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
         if key in report and (report[key].get("points") or report[key].get("layers")):
             plot(report[key], out / f"{key}.png")
             report["plots"][key] = f"{key}.png"
+    if any(report.get(task, {}).get("points") for task in RETRIEVAL_TASKS):
+        plot_retrieval(report, out / "retrieval.png")
+        report["plots"]["retrieval"] = "retrieval.png"
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "report.md", render_markdown(report))
     return {

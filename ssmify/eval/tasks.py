@@ -15,10 +15,12 @@ from ssmify.eval.lm_eval_adapter import lm_eval_tasks
 from ssmify.eval.options import EvalOptions
 from ssmify.eval.perplexity import perplexity_result
 from ssmify.eval.recall import recall
+from ssmify.eval.retrieval import RETRIEVAL_TASKS, induction, passkey, summarize
 from ssmify.eval.scan import scan_windows
 from ssmify.eval.speed import speed
 
 LM_EVAL_PREFIX = "lm-eval:"
+GROUPS = {"retrieval": RETRIEVAL_TASKS}  # a name that stands for several tasks
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ TASKS = {
     "perplexity": TaskNeeds(teacher=False, data=True),
     "agreement": TaskNeeds(teacher=True, data=True),
     "alignment": TaskNeeds(teacher=True, data=True),
+    "induction": TaskNeeds(teacher=False, data=False),
+    "passkey": TaskNeeds(teacher=False, data=False),
     "recall": TaskNeeds(teacher=False, data=False),
     "speed": TaskNeeds(teacher=False, data=False),
 }
@@ -42,8 +46,11 @@ def default_tasks(has_teacher: bool) -> list[str]:
 
 
 def parse_tasks(text: str) -> list[str]:
-    """Split a comma list and check every name; `lm-eval:NAME` passes NAME to the harness."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    """Split a comma list and check every name; a group name stands for its tasks; `lm-eval:NAME` passes
+    NAME to the harness."""
+    names = [
+        part for name in text.split(",") if name.strip() for part in GROUPS.get(name.strip(), [name.strip()])
+    ]
     if not names:
         raise SsmifyError("--tasks is empty; name at least one task")
     for name in names:
@@ -51,7 +58,7 @@ def parse_tasks(text: str) -> list[str]:
             continue
         if name.startswith(LM_EVAL_PREFIX) and name[len(LM_EVAL_PREFIX) :]:
             continue
-        choices = ", ".join([*TASKS, LM_EVAL_PREFIX + "TASK"])
+        choices = ", ".join([*TASKS, *GROUPS, LM_EVAL_PREFIX + "TASK"])
         raise SsmifyError(f"unknown task {name!r} in --tasks; choose from {choices}")
     return list(dict.fromkeys(names))
 
@@ -96,8 +103,13 @@ def run_tasks(
             results["agreement"] = agreement_result(sums)
     if "alignment" in tasks:
         results["alignment"] = alignment(model, teacher, data, options)
-    if "recall" in tasks:
-        results["recall"] = recall(model, teacher, data, options)
+    retrieval = {"induction": induction, "passkey": passkey, "recall": recall}
+    for name, evaluate in retrieval.items():
+        if name in tasks:
+            results[name] = evaluate(model, teacher, data, options)
+    summary = summarize(results)
+    if summary is not None:
+        results["retrieval"] = summary
     if "speed" in tasks:
         results["speed"] = speed(model, teacher, data, options)
     if lm_eval_names(tasks):
