@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from ssmify.convert.sensitivity import layer_sensitivity, mean_nll, most_sensitive_layers
+from ssmify.convert.sensitivity import layer_sensitivity, most_sensitive_layers
 from ssmify.errors import SsmifyError
 
 
@@ -33,11 +33,13 @@ def test_a_layer_whose_attention_adds_nothing_costs_nothing_and_is_not_kept(teac
 
 def test_sensitivity_leaves_the_teacher_as_it_was(teacher):
     ids = tokens()
-    before = mean_nll(teacher, ids)
+    with torch.no_grad():
+        before = teacher(ids).logits
     modules = [layer.self_attn for layer in teacher.model.layers]
     layer_sensitivity(teacher, ids, progress=False)
     assert [layer.self_attn for layer in teacher.model.layers] == modules
-    assert mean_nll(teacher, ids) == before
+    with torch.no_grad():
+        assert torch.equal(teacher(ids).logits, before)
 
 
 def test_most_sensitive_layers_keeps_the_top_fraction_sorted_ties_to_the_lower_index():
@@ -64,18 +66,18 @@ def test_convert_with_sensitive_layer_choice_keeps_attention_where_the_sensitivi
     scores = {0: 0.9, 1: 0.1, 2: 0.8, 3: 0.0}
     calls = []
 
-    def measured(model, input_ids, tokenizer=None, mixer="mamba2", seed=0, progress=True):
+    def measured(model, input_ids, metrics, tokenizer=None, mixer="mamba2", seed=0, progress=True):
         calls.append((model, tuple(input_ids.shape), mixer))
-        return scores
+        return {"loss": scores}
 
-    monkeypatch.setattr(sensitivity_module, "layer_sensitivity", measured)
+    monkeypatch.setattr(sensitivity_module, "layer_scores", measured)
     student = ssmify.convert(teacher, keep_attention=0.5, layer_choice="sensitive", mixer="discrete_mamba2")
     assert len(calls) == 1 and calls[0][0] is teacher and calls[0][2] == "discrete_mamba2"
     assert calls[0][1][0] >= 1 and calls[0][1][1] > 1  # windows of calibration tokens
     report = student.convert_report
     assert report["attention_layers"] == [0, 2] and sorted(mixer_layers(student)) == [1, 3]
     assert student.config.ssmify["attention_layers"] == [0, 2]
-    assert report["layer_choice"] == "sensitive" and report["layer_sensitivity"] == scores
+    assert report["layer_choice"] == "sensitive" and report["layer_scores"] == {"loss": scores}
     even = ssmify.convert(teacher, keep_attention=0.5)
     assert even.convert_report["attention_layers"] == [1, 3] and len(calls) == 1
 
@@ -84,7 +86,10 @@ def test_convert_with_sensitive_layer_choice_keeps_attention_where_the_sensitivi
     ("options", "message"),
     [
         ({"layer_choice": "sensitive"}, "give --keep-attention"),
-        ({"keep_attention": 0.5, "layer_choice": "best"}, "choose one of even, sensitive"),
+        (
+            {"keep_attention": 0.5, "layer_choice": "best"},
+            "choose one of even, sensitive, kl, retrieval, auto",
+        ),
     ],
 )
 def test_convert_refuses_a_layer_choice_it_cannot_make(teacher, options, message):

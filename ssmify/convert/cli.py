@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layer-choice",
         default="even",
-        help="with --keep-attention: even (spread evenly, default) or sensitive (the layers whose seeded "
-        "mixer raises the teacher's loss most; one forward pass per layer)",
+        help="with --keep-attention: even (spread evenly, default), or the layers whose seeded mixer costs "
+        "the teacher most: sensitive (loss), kl (KL to the teacher), retrieval (induction and passkey "
+        "accuracy), auto (kl and retrieval); one forward pass per layer, cached",
     )
     p.add_argument("--init", default="seeded", help="seeded (from attention, default) or random")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 for the saved weights")

@@ -30,8 +30,8 @@ from ssmify.mixers import MIXERS
 log = logging.getLogger(__name__)
 
 INITS = ("seeded", "random")
-LAYER_CHOICES = ("even", "sensitive")
-# Calibration windows the layer sensitivity is measured on (--layer-choice sensitive).
+LAYER_CHOICES = ("even", "sensitive", "kl", "retrieval", "auto")
+# Calibration windows the layer scores (loss, kl) are measured on (--layer-choice other than even).
 SENSITIVITY_WINDOWS = 2
 CALIBRATION_WINDOW = 256
 CALIBRATION_WINDOWS = 8
@@ -57,10 +57,12 @@ def convert(
 
     teacher: a local HF folder, a hub id, a .gguf file, or a loaded model (then pass its `tokenizer`).
     attention_layers / keep_attention: which layers keep attention (indices, or a fraction); neither means
-    a pure SSM. layer_choice: which layers a fraction keeps: "even" spreads them evenly, "sensitive" keeps
-    those whose seeded mixer alone raises the teacher's loss most (ssmify.convert.sensitivity; costs one
-    forward pass per layer on the calibration text). init: "seeded" (from the teacher's Q/K/V/O, then
-    calibrated) or "random".
+    a pure SSM. layer_choice: which layers a fraction keeps: "even" spreads them evenly; the others keep
+    the layers whose seeded mixer alone costs the teacher most (ssmify.convert.sensitivity): "sensitive"
+    by loss, "kl" by KL(teacher || student) on the calibration text, "retrieval" by the drop in
+    induction and passkey accuracy, "auto" by kl and retrieval together. Those cost one forward pass per
+    layer, and are cached per teacher folder and calibration text. init: "seeded" (from the teacher's
+    Q/K/V/O, then calibrated) or "random".
     The student's perplexity before any training, next to the teacher's, is logged and saved in
     `out/convert_report.json`.
     """
@@ -72,9 +74,9 @@ def convert(
         raise SsmifyError(
             f"--layer-choice: {layer_choice!r} is not a choice; choose one of {', '.join(LAYER_CHOICES)}"
         )
-    if layer_choice == "sensitive" and keep_attention is None:
+    if layer_choice != "even" and keep_attention is None:
         raise SsmifyError(
-            "--layer-choice sensitive chooses among layers: give --keep-attention F, the share to keep"
+            f"--layer-choice {layer_choice} chooses among layers: give --keep-attention F, the share to keep"
         )
     if out is not None and is_nonempty_dir(Path(out)) and not overwrite:
         raise SsmifyError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
@@ -97,12 +99,15 @@ def convert(
     blocks = adapter.decoder_layers(model)
     windows = _calibration_windows(model, tokenizer, calibration_text)
     calibration, held_out = windows[0::2], windows[1::2] if len(windows) > 1 else windows
-    sensitivity = None
-    if layer_choice == "sensitive" and 0 < len(plan.attention_layers) < plan.num_layers:
-        from ssmify.convert.sensitivity import layer_sensitivity, most_sensitive_layers
+    scores = None
+    if layer_choice != "even" and 0 < len(plan.attention_layers) < plan.num_layers:
+        from ssmify.convert.sensitivity import CHOICE_METRICS, cached_layer_scores, choose_layers
 
-        sensitivity = layer_sensitivity(model, calibration[:SENSITIVITY_WINDOWS], tokenizer, mixer, seed)
-        plan = LayerPlan(plan.num_layers, most_sensitive_layers(sensitivity, keep_attention))
+        teacher_dir = None if isinstance(teacher, PreTrainedModel) else teacher
+        ids = calibration[:SENSITIVITY_WINDOWS]
+        metrics = CHOICE_METRICS[layer_choice]
+        scores = cached_layer_scores(model, ids, metrics, tokenizer, mixer, seed, teacher_dir)
+        plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
     log.info("plan: %s", plan.describe())
 
     first = adapter.read_attention(getattr(blocks[0], adapter.attention_attr))
@@ -143,7 +148,7 @@ def convert(
         "init": init,
         "attention_layers": list(plan.attention_layers),
         "layer_choice": layer_choice,
-        "layer_sensitivity": sensitivity,
+        "layer_scores": scores,
         "converted_layers": list(plan.converted),
         "calibration_tokens": int(calibration.numel()),
         "eval_tokens": int(held_out.numel()),

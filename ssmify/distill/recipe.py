@@ -85,7 +85,7 @@ class StudentConfig(StrictModel):
     mixer: Literal["mamba2", "discrete_mamba2"] | None = None
     keep_attention: float | None = Field(None, ge=0, le=1)
     attention_layers: list[int] | None = None
-    layer_choice: Literal["even", "sensitive"] | None = None
+    layer_choice: Literal["even", "sensitive", "kl", "retrieval", "auto"] | None = None
     init: Literal["seeded", "random"] | None = None
 
     @model_validator(mode="after")
