@@ -6,9 +6,17 @@ import importlib
 
 import pytest
 import torch
+from test_eval_support import char_tokenizer, save_model
 from tiny_models import tiny_model
 
-from ssmify.convert.sensitivity import layer_sensitivity, most_sensitive_layers
+from ssmify.convert.sensitivity import (
+    cached_layer_scores,
+    choose_layers,
+    combined_scores,
+    layer_scores,
+    layer_sensitivity,
+    most_sensitive_layers,
+)
 from ssmify.errors import SsmifyError
 
 
@@ -97,3 +105,60 @@ def test_convert_refuses_a_layer_choice_it_cannot_make(teacher, options, message
 
     with pytest.raises(SsmifyError, match=message):
         ssmify.convert(teacher, **options)
+
+
+def test_kl_scores_a_layer_whose_attention_adds_nothing_as_zero_and_does_not_keep_it(teacher):
+    with torch.no_grad():
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+    scores = layer_scores(teacher, tokens(), ("loss", "kl"), progress=False)
+    assert set(scores) == {"loss", "kl"}
+    assert scores["kl"][1] == pytest.approx(0.0, abs=1e-7)
+    assert all(scores["kl"][i] > 1e-6 for i in (0, 2, 3))
+    assert 1 not in choose_layers(scores, "kl", 0.75)
+
+
+def test_retrieval_scores_are_accuracy_drops_with_the_answer_loss_beside_them(teacher):
+    scores = layer_scores(teacher, tokens(), ("retrieval",), char_tokenizer(), progress=False)
+    assert set(scores) == {"retrieval", "retrieval_nll"}
+    assert sorted(scores["retrieval"]) == [0, 1, 2, 3]
+    assert all(-1.0 <= v <= 1.0 for v in scores["retrieval"].values())
+    assert any(abs(v) > 1e-4 for v in scores["retrieval_nll"].values())
+
+
+def test_retrieval_choice_needs_the_teachers_tokenizer(teacher):
+    with pytest.raises(SsmifyError, match=r"^task retrieval \(layer choice\) builds its prompts from text"):
+        layer_scores(teacher, tokens(), ("retrieval",), None, progress=False)
+
+
+def test_auto_sums_kl_and_retrieval_each_over_its_largest_value():
+    scores = {"kl": {0: 2.0, 1: 1.0, 2: 0.0}, "retrieval": {0: 0.0, 1: 0.5, 2: -0.1}, "retrieval_nll": {}}
+    assert combined_scores(scores) == {0: 1.0, 1: 1.5, 2: 0.0}
+    assert choose_layers(scores, "auto", 1 / 3) == (1,)
+    assert choose_layers(scores, "kl", 1 / 3) == (0,)
+
+
+def test_retrieval_ties_go_to_the_larger_answer_loss_rise():
+    scores = {"retrieval": {0: 0.0, 1: 0.0, 2: 0.0}, "retrieval_nll": {0: 0.1, 1: 0.3, 2: 0.2}}
+    assert choose_layers(scores, "retrieval", 1 / 3) == (1,)
+
+
+def test_layer_scores_are_cached_per_teacher_folder_and_text(tmp_path, monkeypatch):
+    sensitivity_module = importlib.import_module("ssmify.convert.sensitivity")
+    folder = save_model(tiny_model("llama", num_hidden_layers=4), tmp_path / "teacher")
+    model = tiny_model("llama", num_hidden_layers=4)
+    first = cached_layer_scores(
+        model, tokens(), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache"
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached scores should have been used")
+
+    monkeypatch.setattr(sensitivity_module, "layer_scores", refuse)
+    again = cached_layer_scores(
+        model, tokens(), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache"
+    )
+    assert again == first
+    with pytest.raises(AssertionError, match="cached scores"):  # other text: measured again
+        cached_layer_scores(
+            model, tokens(length=40), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache"
+        )
