@@ -73,6 +73,8 @@ def tiny_settings(assets: dict[str, Path], out: Path, **fields) -> DemoSettings:
         "eval_seq_len": 64,
         "speed_context": 96,
         "decode_tokens": 4,
+        "retrieval_lengths": (128, 192),
+        "retrieval_samples": 2,
         "teacher_name": "tiny llama",
         "text_name": "random sentences",
         **assets,
@@ -95,6 +97,8 @@ def test_tiny_demo_writes_the_report_with_the_table_and_plots(finished):
     assert result.table in report
     header, rule, *rows = result.table.splitlines()
     assert "perplexity" in header and "KL" in header and "decode tok/s @96" in header
+    for column in ("induction @128", "induction @192", "passkey @128", "passkey @192", "retention"):
+        assert column in header
     assert [row.split("|")[1].strip() for row in rows] == list(TABLE_ROWS)
     for png in ("loss_curves.png", "perplexity.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
@@ -117,6 +121,13 @@ def test_tiny_demo_numbers_are_those_of_the_evaluation(finished):
         assert rows[name]["ratio"] == pytest.approx(rows[name]["perplexity"] / rows["teacher"]["perplexity"])
         assert rows[name]["kl"] == pytest.approx(results[name]["agreement"]["kl"])
         assert f"{rows[name]['perplexity']:,.2f}" in result.table
+    for task in ("induction", "passkey"):  # the teacher is scored once, each student alone, same samples
+        assert [p["length"] for p in results["teacher"][task]["points"]] == [128, 192]
+        teacher_accuracy = {p["length"]: p["accuracy"] for p in results["teacher"][task]["points"]}
+        for name in ("seeded", "distilled"):
+            accuracy = {p["length"]: p["accuracy"] for p in results[name][task]["points"]}
+            assert rows[name]["retrieval"]["accuracy"][task] == {str(n): v for n, v in accuracy.items()}
+            assert set(accuracy) == set(teacher_accuracy)
     speed = results["distilled"]["speed"]["points"][0]
     assert speed["length"] == 96
     assert rows["distilled"]["decode_tokens_per_s"] == speed["decode_tokens_per_s"]

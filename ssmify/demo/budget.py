@@ -70,12 +70,18 @@ def fastest_threads(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[in
 
 
 def evaluation_seconds(
-    throughput: Throughput, eval_tokens: int, speed_context: int, decode_tokens: int
+    throughput: Throughput,
+    eval_tokens: int,
+    speed_context: int,
+    decode_tokens: int,
+    retrieval_tokens: int = 0,
 ) -> float:
     """Expected seconds of the demo's evaluation.
 
     Quality: the seeded and the distilled student are each scored beside the teacher on the slice.
     Speed: teacher and distilled student prefill `speed_context` tokens twice, then decode.
+    Retrieval: the teacher and both students read `retrieval_tokens` each (induction and passkey
+    prompts, at long contexts).
     """
     per_pair = 1 / throughput.teacher + 1 / throughput.student
     quality = 2 * eval_tokens * per_pair
@@ -85,7 +91,8 @@ def evaluation_seconds(
         * (TEACHER_LONG_CONTEXT_COST / throughput.teacher + 1 / throughput.student)
     )
     decode = 2 * decode_tokens * per_pair * 8  # one token at a time runs far below batch throughput
-    return quality + prefill + decode + EVAL_OVERHEAD_S
+    retrieval = retrieval_tokens * (TEACHER_LONG_CONTEXT_COST / throughput.teacher + 2 / throughput.student)
+    return quality + prefill + decode + retrieval + EVAL_OVERHEAD_S
 
 
 def training_seconds(budget_s: float, elapsed_s: float, evaluation_s: float, stages: int) -> float:

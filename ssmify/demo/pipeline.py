@@ -69,6 +69,10 @@ SPEED_CONTEXT = 4096
 # Training-text tokens the layer sensitivity is measured on (once per teacher; cached).
 SENSITIVITY_TOKENS = 512
 DECODE_TOKENS = 16
+# In-context retrieval (induction, passkey) at 1k and 2k: 4 samples per task and length keeps the
+# teacher's and the two students' scoring to about 3 minutes of the budget on 2 cores.
+RETRIEVAL_LENGTHS = (1024, 2048)
+RETRIEVAL_SAMPLES = 4
 
 
 @dataclass
@@ -86,6 +90,8 @@ class DemoSettings:
     eval_seq_len: int = EVAL_SEQ_LEN
     speed_context: int = SPEED_CONTEXT
     decode_tokens: int = DECODE_TOKENS
+    retrieval_lengths: tuple[int, ...] = RETRIEVAL_LENGTHS
+    retrieval_samples: int = RETRIEVAL_SAMPLES
     overwrite: bool = False
     teacher: Path | None = None
     train_text: Path | None = None
@@ -280,8 +286,13 @@ def plan_run(
         seq_len=settings.eval_seq_len,
         speed_context=settings.speed_context,
         decode_tokens=settings.decode_tokens,
+        retrieval_lengths=tuple(settings.retrieval_lengths),
+        retrieval_samples=settings.retrieval_samples,
     )
-    evaluation_s = evaluation_seconds(throughput, eval_tokens, settings.speed_context, settings.decode_tokens)
+    retrieval_tokens = 2 * data_slice.retrieval_samples * sum(data_slice.retrieval_lengths)
+    evaluation_s = evaluation_seconds(
+        throughput, eval_tokens, settings.speed_context, settings.decode_tokens, retrieval_tokens
+    )
     elapsed = time.perf_counter() - started
     train_s = training_seconds(budget_s, elapsed, evaluation_s, len(recipe.stages))
     if train_s <= 0:

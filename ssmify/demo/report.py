@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from ssmify.atomic import write_text_atomic
+from ssmify.demo.evaluation import retrieval_rows
 from ssmify.demo.plots import plot_perplexity, plot_stage_losses
 
 PERPLEXITY_TARGET = 1.5  # the distilled student's perplexity goal, as a multiple of the teacher's
@@ -25,6 +26,7 @@ PERPLEXITY_TARGET = 1.5  # the distilled student's perplexity goal, as a multipl
 
 def model_rows(results: dict[str, dict], attention: dict[str, str]) -> list[dict]:
     """Rows for the teacher, the seeded and the distilled student, from ssmify.eval results."""
+    retrieval = retrieval_rows(results)
     distilled = results["distilled"]
     speed = _speed_point(distilled)
     teacher_ppl = distilled["perplexity"]["teacher_value"]
@@ -40,6 +42,7 @@ def model_rows(results: dict[str, dict], attention: dict[str, str]) -> list[dict
             "decode_tokens_per_s": speed.get("teacher_decode_tokens_per_s"),
             "peak_memory_bytes": speed.get("teacher_peak_memory_bytes"),
             "state_bytes": speed.get("teacher_state_bytes"),
+            "retrieval": retrieval.get("teacher"),
         }
     ]
     for name, label in (("seeded", "seeded student, untrained"), ("distilled", "distilled student")):
@@ -56,6 +59,7 @@ def model_rows(results: dict[str, dict], attention: dict[str, str]) -> list[dict
                 "decode_tokens_per_s": speed.get("decode_tokens_per_s") if name == "distilled" else None,
                 "peak_memory_bytes": speed.get("peak_memory_bytes") if name == "distilled" else None,
                 "state_bytes": speed.get("state_bytes") if name == "distilled" else None,
+                "retrieval": retrieval.get(name),
             }
         )
     return rows
@@ -66,8 +70,30 @@ def _speed_point(result: dict) -> dict:
     return points[0] if points else {}
 
 
+def _retrieval_cells(row: dict, lengths: list[int]) -> list[str]:
+    found = row.get("retrieval")
+    cells = []
+    for task in ("induction", "passkey"):
+        accuracy = (found or {}).get("accuracy", {}).get(task, {})
+        cells += [_percent(accuracy.get(n, accuracy.get(str(n)))) for n in lengths]
+    retention = None if found is None else found["retention"]
+    return cells + [_number(retention, 2)]
+
+
+def _retrieval_lengths(rows: list[dict]) -> list[int]:
+    found = next((row["retrieval"] for row in rows if row.get("retrieval")), None)
+    return sorted(int(n) for n in found["accuracy"]["induction"]) if found else []
+
+
+def _short(length: int) -> str:
+    return f"{length // 1024}k" if length % 1024 == 0 else str(length)
+
+
 def results_table(rows: list[dict], context: int) -> str:
     """A markdown table with padded columns, readable in a terminal as it is."""
+    lengths = _retrieval_lengths(rows)
+    retrieval_header = [f"{task} @{_short(n)}" for task in ("induction", "passkey") for n in lengths]
+    retrieval_header += ["retention"] if lengths else []
     header = [
         "model",
         "attention layers",
@@ -78,6 +104,7 @@ def results_table(rows: list[dict], context: int) -> str:
         f"decode tok/s @{context}",
         f"memory @{context}",
         f"state @{context}",
+        *retrieval_header,
     ]
     body = [
         [
@@ -90,6 +117,7 @@ def results_table(rows: list[dict], context: int) -> str:
             _number(row["decode_tokens_per_s"], 1),
             _mebibytes(row["peak_memory_bytes"]),
             _mebibytes(row["state_bytes"]),
+            *(_retrieval_cells(row, lengths) if lengths else []),
         ]
         for row in rows
     ]
