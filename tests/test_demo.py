@@ -15,13 +15,14 @@ from transformers import AutoModelForCausalLM
 
 import ssmify.demo.budget as budget_module
 import ssmify.demo.evaluation as evaluation_module
-import ssmify.demo.layers as layers_module
 import ssmify.demo.pipeline as pipeline_module
 import ssmify.distill.run as run_module
 from ssmify.cli import main
 from ssmify.convert.student import is_student, mixer_layers, register
 from ssmify.demo.pipeline import DemoSettings, default_eval_tokens, run_demo
 from ssmify.errors import SsmifyError
+
+sensitivity_module = importlib.import_module("ssmify.convert.sensitivity")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLE_ROWS = ("teacher", "seeded student, untrained", "distilled student")
@@ -199,8 +200,8 @@ def test_pure_ssm_demo_runs_and_overwrite_starts_over(assets, tmp_path):
 
 def test_half_attention_keeps_the_most_sensitive_layers_measured_once(finished, tmp_path, monkeypatch):
     settings, _ = finished
-    (cached,) = (settings.out.parent / "cache" / "sensitivity").glob("*.json")
-    scores = {int(k): v for k, v in json.loads(cached.read_text())["scores"].items()}
+    (cached,) = (settings.out.parent / "cache" / "layer-scores").glob("*.json")
+    scores = {int(k): v for k, v in json.loads(cached.read_text())["scores"]["loss"].items()}
     assert sorted(scores) == [0, 1, 2, 3]
     kept = json.loads((settings.out / "demo.json").read_text())["attention_layers"]
     assert kept == sorted(sorted(scores, key=scores.get, reverse=True)[:2])
@@ -208,10 +209,10 @@ def test_half_attention_keeps_the_most_sensitive_layers_measured_once(finished, 
     def refuse(*args, **kwargs):
         raise AssertionError("the sensitivity is cached per teacher and text")
 
-    monkeypatch.setattr(layers_module, "layer_sensitivity", refuse)
+    monkeypatch.setattr(sensitivity_module, "layer_scores", refuse)
     again = run_demo(DemoSettings(**{**settings.__dict__, "out": tmp_path / "again"}))
     assert json.loads((tmp_path / "again" / "demo.json").read_text())["attention_layers"] == kept
-    assert "raises the teacher's loss most" in again.report.read_text()
+    assert "costs the teacher most (loss)" in again.report.read_text()
 
 
 def test_an_interrupted_demo_continues_with_its_plan_and_counts_both_sessions(assets, tmp_path, monkeypatch):
@@ -265,7 +266,7 @@ def test_layers_the_recipe_lists_are_kept_without_measuring_sensitivity(assets, 
     def refuse(*args, **kwargs):
         raise AssertionError("the recipe lists the layers: no sensitivity is needed")
 
-    monkeypatch.setattr(layers_module, "layer_sensitivity", refuse)
+    monkeypatch.setattr(sensitivity_module, "layer_scores", refuse)
     result = run_demo(tiny_settings(assets, tmp_path / "run", recipe=listed))
     assert json.loads((tmp_path / "run" / "demo.json").read_text())["attention_layers"] == [0, 3]
     assert "attention kept in layers 0, 3 (as listed.yaml lists them)" in result.report.read_text()

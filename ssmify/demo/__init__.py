@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fraction of layers that keep attention (default: the recipe's, 0.5; 0 = pure SSM)",
     )
     parser.add_argument(
+        "--layer-choice",
+        choices=("even", "sensitive", "kl", "retrieval", "auto"),
+        default=None,
+        help="which layers keep attention (default: the recipe's student.layer_choice, else sensitive)",
+    )
+    parser.add_argument(
         "--budget-minutes",
         type=float,
         default=15.0,
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(
         out=Path(args.out),
         keep_attention=args.keep_attention,
+        layer_choice=args.layer_choice,
         budget_minutes=args.budget_minutes,
         recipe=args.recipe,
         eval_tokens=args.eval_tokens,

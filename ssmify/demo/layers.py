@@ -1,15 +1,14 @@
 """Which teacher layers keep attention in the demo's student.
 
-A fraction strictly between 0 and 1 keeps the layers whose seeded mixer costs the teacher the most
-loss (`ssmify.convert.sensitivity`), measured once per teacher, mixer and text on the start of the
-training text and cached under the ssmify cache folder. Explicit layers (the settings or the
+A fraction strictly between 0 and 1 keeps the layers that the layer choice picks: spread evenly, or
+those whose seeded mixer costs the teacher the most by loss, KL or retrieval accuracy
+(`ssmify.convert.sensitivity`), scored once per teacher, mixer and text on the start of the training
+text and cached under the ssmify cache folder. Explicit layers (the settings or the
 recipe) are taken as given.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -19,27 +18,33 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ssmify.assets import cache_root, read_documents
-from ssmify.atomic import write_text_atomic
+from ssmify.assets import read_documents
 from ssmify.convert.plan import LayerPlan
-from ssmify.convert.sensitivity import layer_sensitivity, most_sensitive_layers
+from ssmify.convert.sensitivity import CHOICE_METRICS, cached_layer_scores, choose_layers
 from ssmify.errors import SsmifyError
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_FORMAT = 1
+CHOICE_HOW = {
+    "sensitive": "loss",
+    "kl": "KL to the teacher",
+    "retrieval": "induction and passkey accuracy",
+    "auto": "KL and retrieval",
+}
 
 
 def choose_attention_layers(
     num_layers: int,
     keep_attention: float,
     explicit: tuple[list[int], str] | None,
-    sensitivity: Callable[[], dict[int, float]],
+    choice: str,
+    scores: Callable[[], dict[str, dict[int, float]]],
 ) -> tuple[list[int], str]:
     """(layers that keep attention, how they were chosen).
 
     explicit: (layers, where they come from), taken as they are; otherwise `keep_attention` of the
-    layers, the most sensitive ones, with `sensitivity()` called only when a choice is needed.
+    layers, chosen by `choice` (even, or a scored choice of ssmify.convert.sensitivity), with
+    `scores()` called only when a scored choice is needed.
     """
     if explicit is not None:
         listed, source = explicit
@@ -56,34 +61,29 @@ def choose_attention_layers(
         )
     if kept == 0:
         return [], "a pure SSM"
-    layers = list(most_sensitive_layers(sensitivity(), keep_attention))
-    return layers, f"the {kept} layers whose seeded mixer raises the teacher's loss most"
+    if choice == "even":
+        return list(plan.attention_layers), f"{kept} layers spread evenly"
+    layers = list(choose_layers(scores(), choice, keep_attention))
+    return layers, f"the {kept} layers whose seeded mixer costs the teacher most ({CHOICE_HOW[choice]})"
 
 
-def cached_sensitivity(
+def cached_scores(
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     teacher_dir: Path,
     text: Path,
     tokens: int,
     mixer: str,
+    choice: str,
     cache_dir: str | os.PathLike | None = None,
-) -> dict[int, float]:
-    """Layer sensitivity on the first `tokens` tokens of `text`, computed once and cached."""
-    key = _cache_key(teacher_dir, text, tokens, mixer)
-    path = cache_root(cache_dir) / "sensitivity" / f"{key}.json"
-    if path.is_file():
-        log.info("layer sensitivity: using the cached %s", path)
-        return {int(layer): score for layer, score in json.loads(path.read_text())["scores"].items()}
+) -> dict[str, dict[int, float]]:
+    """The layer scores `choice` needs, on the first `tokens` tokens of `text`, computed once and cached."""
     log.info(
-        "layer sensitivity: once per teacher, each layer's seeded mixer in the teacher alone (cached after)"
+        "layer scores (%s): once per teacher and text, each layer's seeded mixer in the teacher alone", choice
     )
-    scores = layer_sensitivity(teacher, first_tokens(tokenizer, text, tokens)[None], tokenizer, mixer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        path, json.dumps({"teacher": str(teacher_dir), "text": str(text), "tokens": tokens, "scores": scores})
-    )
-    return scores
+    ids = first_tokens(tokenizer, text, tokens)[None]
+    metrics = CHOICE_METRICS[choice]
+    return cached_layer_scores(teacher, ids, metrics, tokenizer, mixer, 0, teacher_dir, cache_dir=cache_dir)
 
 
 def first_tokens(tokenizer: PreTrainedTokenizerBase, text: Path, count: int) -> torch.Tensor:
@@ -100,16 +100,3 @@ def first_tokens(tokenizer: PreTrainedTokenizerBase, text: Path, count: int) -> 
     while len(ids) < count:
         ids += ids
     return torch.tensor(ids[:count])
-
-
-def _cache_key(teacher_dir: Path, text: Path, tokens: int, mixer: str) -> str:
-    teacher_dir, text = Path(teacher_dir).resolve(), Path(text).resolve()
-    files = sorted(p for p in teacher_dir.iterdir() if p.suffix in (".safetensors", ".json"))
-    described = {
-        "format": SENSITIVITY_FORMAT,
-        "teacher": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-        "text": [str(text), text.stat().st_size, text.stat().st_mtime_ns],
-        "tokens": tokens,
-        "mixer": mixer,
-    }
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:20]

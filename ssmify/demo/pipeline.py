@@ -41,7 +41,7 @@ from ssmify.demo.budget import (
     training_seconds,
 )
 from ssmify.demo.evaluation import EvalSlice, evaluate_models
-from ssmify.demo.layers import cached_sensitivity, choose_attention_layers, first_tokens
+from ssmify.demo.layers import cached_scores, choose_attention_layers, first_tokens
 from ssmify.demo.report import (
     commands,
     describe_speed,
@@ -84,6 +84,9 @@ class DemoSettings:
     out: Path = Path("runs/demo")
     keep_attention: float | None = None
     attention_layers: list[int] | None = None
+    layer_choice: str | None = (
+        None  # even, sensitive, kl, retrieval or auto (default: the recipe's, else sensitive)
+    )
     budget_minutes: float = 15.0
     recipe: Path | None = None
     eval_tokens: int | None = None
@@ -242,14 +245,23 @@ def plan_run(
     elif settings.keep_attention is None and base.student.attention_layers is not None:
         explicit = (base.student.attention_layers, f"as {recipe_path.name} lists them")
 
-    def sensitivity() -> dict[int, float]:
+    layer_choice = settings.layer_choice or base.student.layer_choice or "sensitive"
+
+    def scores() -> dict[str, dict[int, float]]:
         with timed(phases, "sensitivity"):
-            return cached_sensitivity(
-                teacher, tokenizer, teacher_dir, train, settings.sensitivity_tokens, mixer, settings.cache_dir
+            return cached_scores(
+                teacher,
+                tokenizer,
+                teacher_dir,
+                train,
+                settings.sensitivity_tokens,
+                mixer,
+                layer_choice,
+                settings.cache_dir,
             )
 
     layers, choice = choose_attention_layers(
-        num_layers, _keep_fraction(settings, base, num_layers), explicit, sensitivity
+        num_layers, _keep_fraction(settings, base, num_layers), explicit, layer_choice, scores
     )
     step(3, f"convert: {num_layers - len(layers)} of {num_layers} attention layers -> {mixer} mixers, seeded")
     with timed(phases, "convert"):
