@@ -110,11 +110,14 @@ def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkey
         run_recipe(recipe)
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "synthetic", [None, {"fraction": 0.5, "kinds": ["kv"]}], ids=["natural", "synthetic"]
+)
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, tmp_path, caplog, synthetic):
     long_stage = [stage("logits", tokens=128 * 60, checkpoint_every=2)]
-    path = write_recipe(
-        tmp_path / "recipe.yaml", recipe_dict(workspace, long_stage, output_dir=str(tmp_path / "a"))
-    )
+    killed = recipe_dict(workspace, long_stage, output_dir=str(tmp_path / "a"))
+    killed["data"]["synthetic"] = synthetic
+    path = write_recipe(tmp_path / "recipe.yaml", killed)
     checkpoints = tmp_path / "a" / "1-logits" / "checkpoints"
     process = subprocess.Popen(
         [sys.executable, "-m", "ssmify", "distill", str(path)],
@@ -142,6 +145,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, 
     uninterrupted = recipe_dict(
         workspace, [{**long_stage[0], "checkpoint_every": 1000}], output_dir=str(tmp_path / "b")
     )
+    uninterrupted["data"]["synthetic"] = synthetic
     run_recipe(parse_recipe(uninterrupted))
     resumed, reference = weights(tmp_path / "a" / "1-logits"), weights(tmp_path / "b" / "1-logits")
     assert max_difference(resumed, reference) <= 1e-6

@@ -8,7 +8,9 @@ tokenize again; a streamed hub corpus is tokenized on the fly and never stored.
 
 The training order is a function of (seed, global sequence index) only: sequence g of the run is
 block `perm_e[g mod N]` of epoch e = g // N. A run resumed at step s therefore sees exactly the
-batches an uninterrupted run would have seen, without replaying the ones before.
+batches an uninterrupted run would have seen, without replaying the ones before. With
+data.synthetic, `ssmify.distill.synthetic` replaces some training sequences by lookup samples, also
+as a function of (seed, g); the validation blocks stay natural text.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from ssmify.distill.recipe import DataConfig, HubSource
 from ssmify.distill.state import distributed_state
+from ssmify.distill.synthetic import SyntheticBlocks
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
@@ -103,7 +106,10 @@ def load_data(config: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Di
             result[name] = StreamedBlocks(
                 documents[name], tokenizer, seq_len, seed, shuffle, config.shuffle_buffer
             )
-    return DistillData(result["train"], result["validation"])
+    train = result["train"]
+    if config.synthetic is not None and config.synthetic.fraction > 0:
+        train = SyntheticBlocks(train, config.synthetic, tokenizer, seed)
+    return DistillData(train, result["validation"])
 
 
 def _too_little_text(split: str, tokens: int, seq_len: int, held_out: bool) -> str:

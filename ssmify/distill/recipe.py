@@ -62,6 +62,23 @@ DataSource = Annotated[
 ]
 
 
+SyntheticKind = Literal["induction", "kv", "passkey"]
+
+
+class SyntheticConfig(StrictModel):
+    """Synthetic lookup sequences mixed into the training data (`ssmify.distill.synthetic`)."""
+
+    fraction: float = Field(ge=0, lt=1)
+    kinds: list[SyntheticKind] = Field(list(typing.get_args(SyntheticKind)), min_length=1)
+
+    @field_validator("kinds")
+    @classmethod
+    def _each_kind_once(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) < len(kinds):
+            raise ValueError("list each kind once")
+        return kinds
+
+
 class DataConfig(StrictModel):
     """Where the text comes from and how it becomes token blocks."""
 
@@ -73,6 +90,7 @@ class DataConfig(StrictModel):
     documents: Literal["file", "paragraph", "line"] = "paragraph"
     cache_dir: str | None = None
     shuffle_buffer: int = Field(10_000, ge=1)
+    synthetic: SyntheticConfig | None = None
 
 
 CONVERT_OPTIONS = ("mixer", "keep_attention", "attention_layers", "layer_choice", "init")
