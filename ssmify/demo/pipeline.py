@@ -242,7 +242,11 @@ def plan_run(
     explicit = None
     if settings.attention_layers is not None:
         explicit = (settings.attention_layers, "as given")
-    elif settings.keep_attention is None and base.student.attention_layers is not None:
+    elif (
+        settings.keep_attention is None
+        and settings.layer_choice is None
+        and base.student.attention_layers is not None
+    ):
         explicit = (base.student.attention_layers, f"as {recipe_path.name} lists them")
 
     layer_choice = settings.layer_choice or base.student.layer_choice or "sensitive"
