@@ -141,3 +141,24 @@ def test_mixer_benchmark_reports_every_method_at_every_length(tmp_path: Path):
         for method in ("chunked", "sequential", "sdpa"):
             assert row[f"{method}_seconds"] > 0
         assert row["sdpa_over_chunked"] == pytest.approx(row["sdpa_seconds"] / row["chunked_seconds"])
+
+
+def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_samples(workspace: Path):
+    out = workspace / "retrieval"
+    stdout = run_script(
+        "retrieval.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out), "--plans", "0.5"),
+    )
+    results = json.loads((out / "results.json").read_text())
+    (name,) = results["runs"]
+    run = results["runs"][name]
+    assert name == "50pct/retrieval/synthetic50/seed0" and run["choice"] == "retrieval"
+    assert len(run["attention_layers"]) == 2 and run["synthetic"] == 0.5
+    assert set(run["retrieval"]) == {"induction", "passkey"} and set(results["teacher_retrieval"]) == {
+        "induction",
+        "passkey",
+    }
+    assert math.isfinite(run["perplexity"]) and run["perplexity"] > 1
+    assert name in stdout and "overall" in stdout
+    assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored

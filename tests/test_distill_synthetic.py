@@ -92,10 +92,18 @@ def test_without_synthetic_or_at_fraction_zero_the_data_is_unchanged(corpus, tmp
     assert torch.equal(on.train.natural.take(0, n), plain.train.take(0, n))
 
 
-def test_a_seq_len_too_short_for_a_kind_is_refused_before_training(corpus, tmp_path, tokenizer):
-    cfg = config(corpus, tmp_path, synthetic={"fraction": 0.1, "kinds": ["kv", "induction"]})
-    with pytest.raises(SsmifyError, match=r"data\.synthetic\.kinds: induction needs seq_len >= 49"):
-        load_data(cfg, tokenizer, 32, 0)
+def test_a_stage_too_short_for_a_kind_mixes_in_the_others_and_one_for_none_is_refused(
+    corpus, tmp_path, tokenizer
+):
+    cfg = config(corpus, tmp_path, synthetic={"fraction": 0.5, "kinds": ["kv", "induction"]})
+    short = load_data(cfg, tokenizer, 32, 0).train
+    assert short.kinds == ["kv"]
+    assert {short.draw(g)[0] for g in range(200)} == {None, "kv"}
+    only = config(corpus, tmp_path, synthetic={"fraction": 0.1, "kinds": ["induction"]})
+    with pytest.raises(
+        SsmifyError, match=r"data\.synthetic\.kinds: none fits this stage: induction needs seq_len >= 49"
+    ):
+        load_data(only, tokenizer, 32, 0)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ scored lookups per sequence than the evaluator's 8, since here every token train
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +45,8 @@ from ssmify.errors import SsmifyError
 if TYPE_CHECKING:
     from ssmify.distill.data import Blocks  # data.py imports this module at run time
 
+log = logging.getLogger(__name__)
+
 KEY_TOKENS = 6  # the most tokens a 5-digit passkey can take (a space, then one per digit)
 
 
@@ -65,11 +68,17 @@ class SyntheticBlocks:
         )
         slots = self.form.pair_count(self.seq_len, 0)
         self.queries = max(slots // 4, 1)
-        for kind in config.kinds:
-            self._check_fits(kind)
+        unfit = {kind: reason for kind in config.kinds if (reason := self._unfit(kind))}
+        self.kinds = [kind for kind in config.kinds if kind not in unfit]
+        if not self.kinds:
+            raise SsmifyError(f"data.synthetic.kinds: none fits this stage: {'; '.join(unfit.values())}")
+        for reason in unfit.values():
+            log.info("data.synthetic: left out of this stage (the others are mixed in): %s", reason)
 
-    def _check_fits(self, kind: str) -> None:
-        """Fail before training when seq_len cannot hold a sample of `kind` (not at the first such draw)."""
+    def _unfit(self, kind: str) -> str | None:
+        """Why seq_len cannot hold a sample of `kind`, or None; known before training, not at the first draw.
+
+        A stage with short sequences (the matrix stage, say) leaves such kinds out and mixes in the rest."""
         if kind == "induction":
             shortest = 2 * INDUCTION_RUN + int(self.bos is not None)
         elif kind == "passkey":
@@ -78,15 +87,14 @@ class SyntheticBlocks:
         else:
             pairs = self.form.pair_count(self.seq_len, self.queries)
             if pairs > len(self.kv_tokens) // 2:
-                raise SsmifyError(
-                    f"data.synthetic.kinds: kv at seq_len {self.seq_len} needs {pairs} distinct keys; "
-                    f"the vocabulary gives {len(self.kv_tokens) // 2}"
+                return (
+                    f"kv at seq_len {self.seq_len} needs {pairs} distinct keys; the vocabulary gives "
+                    f"{len(self.kv_tokens) // 2}"
                 )
             shortest = 2 * self.form.pair_width + int(self.bos is not None)
         if self.seq_len < shortest:
-            raise SsmifyError(
-                f"data.synthetic.kinds: {kind} needs seq_len >= {shortest}; this stage's is {self.seq_len}"
-            )
+            return f"{kind} needs seq_len >= {shortest}; this stage's is {self.seq_len}"
+        return None
 
     def draw(self, index: int) -> tuple[str | None, int]:
         """(kind or None for natural text, sample seed) of global sequence `index`: a hash of (seed, index)."""
@@ -95,8 +103,7 @@ class SyntheticBlocks:
         sample_seed = int.from_bytes(digest[8:], "little") >> 1  # torch seeds are below 2**63
         if u >= self.config.fraction:
             return None, sample_seed
-        kinds = self.config.kinds
-        return kinds[int(u / self.config.fraction * len(kinds))], sample_seed
+        return self.kinds[int(u / self.config.fraction * len(self.kinds))], sample_seed
 
     def sample(self, kind: str, block: torch.Tensor, sample_seed: int) -> torch.Tensor:
         """A synthetic sequence of seq_len tokens; `block` (the natural one it replaces) is its filler."""
