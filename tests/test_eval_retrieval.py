@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_eval_support import RecallOracle, char_tokenizer, save_model, write_texts
-from tiny_models import tiny_model
+from tiny_models import copying_teacher, tiny_model
 from torch import nn
 
 from ssmify.cli import main
@@ -33,16 +33,18 @@ def test_a_student_identical_to_its_teacher_retains_exactly_everything():
     assert summarize({"induction": result})["overall"] == 1.0
 
 
-def test_a_student_with_every_attention_layer_kept_scores_what_its_teacher_scores():
-    teacher = tiny_model("llama")
+def test_a_student_with_every_attention_layer_kept_retains_exactly_everything():
+    teacher = copying_teacher()  # an induction circuit: it passes the task
     student = convert(teacher, keep_attention=1.0)
     result = induction(student, teacher, EvalData(char_tokenizer()), OPTIONS)
-    assert all(p["accuracy"] == p["teacher_accuracy"] for p in result["points"])
+    assert all(p["teacher_accuracy"] >= 0.5 and p["meaningful"] for p in result["points"])
+    assert [p["retention"] for p in result["points"]] == [1.0, 1.0]
 
 
 def test_random_mixers_in_every_layer_score_near_chance_on_induction():
-    student = convert(tiny_model("llama"), keep_attention=0.0, init="random")
-    result = induction(student, RecallOracle(), EvalData(char_tokenizer()), OPTIONS)
+    teacher = copying_teacher()
+    student = convert(teacher, keep_attention=0.0, init="random")
+    result = induction(student, teacher, EvalData(char_tokenizer()), OPTIONS)
     # 24-token runs drawn from 74 ordinary characters: chance is about 1/74 a token
     assert all(p["accuracy"] < 0.1 for p in result["points"])
     assert all(p["teacher_accuracy"] > 0.2 for p in result["points"])

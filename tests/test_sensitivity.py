@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 from test_eval_support import char_tokenizer, save_model
-from tiny_models import tiny_model
+from tiny_models import copying_teacher, tiny_model
 
 from ssmify.convert.sensitivity import (
     cached_layer_scores,
@@ -162,3 +162,17 @@ def test_layer_scores_are_cached_per_teacher_folder_and_text(tmp_path, monkeypat
         cached_layer_scores(
             model, tokens(length=40), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache"
         )
+
+
+def test_retrieval_choice_keeps_the_layers_that_copy_over_layers_that_do_not():
+    import ssmify
+
+    copier, tokenizer = copying_teacher(), char_tokenizer()
+    scores = layer_scores(copier, tokens(), ("retrieval",), tokenizer, progress=False)
+    assert scores["retrieval"][0] > 0.3 and scores["retrieval"][1] > 0.3  # the induction circuit
+    assert scores["retrieval"][2] == scores["retrieval"][3] == 0.0  # attention that adds nothing
+    student = ssmify.convert(copier, keep_attention=0.5, layer_choice="retrieval", tokenizer=tokenizer)
+    assert student.convert_report["attention_layers"] == [0, 1]
+    assert student.convert_report["layer_scores"]["retrieval"] == scores["retrieval"]
+    even = ssmify.convert(copier, keep_attention=0.5, tokenizer=tokenizer)
+    assert even.convert_report["attention_layers"] == [1, 3]
