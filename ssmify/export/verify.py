@@ -8,7 +8,8 @@ least 1; cos and sin have scale 1):
   plain float64 transformers still rounds its norms and scan to float32, which alone leaves about 1e-7.
 - float32, as served: the export loaded from the saved weights in float32 (half-precision weights are
   upcast exactly) against the student in float32, within 1e-3. float32 rounding grows with the residual
-  stream: an untrained pure-SSM SmolLM2 (residual |max| 1.5e4) differs by about 6e-5 of its logits.
+  stream: an untrained pure-SSM SmolLM2 (residual |max| 1.5e4) differs by 2e-5 to 6e-5 of its largest
+  logit, above an absolute 1e-4.
 
 The comparisons: logits of a full forward pass on random token windows; logits of the export's cached
 greedy decoding (prefill, then the one-token recurrent update) against the student's full forward pass
@@ -54,10 +55,10 @@ def verify_parity(
     failed = []
     for dtype, diffs in (("float64", float64), ("float32", float32)):
         limits = {name: TOLERANCE[dtype] * (1.0 if name == "rope" else max(1.0, scale)) for name in diffs}
-        failed += [
+        failed += [  # NaN fails too
             f"{dtype} {n} {diffs[n]:.2e} > {limits[n]:.1e}" for n in diffs if not diffs[n] <= limits[n]
         ]
-        report[dtype] = {**diffs, "limits": limits}  # NaN fails too
+        report[dtype] = {**diffs, "limits": limits}
     if failed:
         raise SsmifyError(
             f"the export does not reproduce the student (max |logit difference| {', '.join(failed)}); nothing "
