@@ -40,8 +40,13 @@ class ExportTarget:
         raise NotImplementedError
 
     def build(self, spec: StudentSpec) -> tuple[PreTrainedConfig, dict[str, torch.Tensor]]:
-        """(config, state dict) of the export; raises SsmifyError if the weights do not fit exactly."""
+        """(config, state dict) of the export; raises SsmifyError if the weights do not fit exactly.
+
+        The config names the *ForCausalLM class in `architectures`: serving engines (vLLM, SGLang,
+        llama.cpp's converter) pick the model class and the runner from it, and without it vLLM resolves
+        the bare base model and serves it as an embedding model."""
         config = self.make_config(spec)
+        config.architectures = [self.architecture]
         shapes = target_shapes(self.model_class(), config)
         weights = self.make_weights(spec, shapes)
         if config.tie_word_embeddings:

@@ -39,8 +39,8 @@ def export(
     `tokenizer`, if it should travel with the export). target: "auto" (the first of bamba,
     granitemoehybrid, falcon_h1 that holds the student exactly) or one of those names. A student
     that the target cannot hold exactly is refused with the reason. The folder is written atomically,
-    loaded back and compared with the student (`verify_parity`: full-forward logits within 1e-4 in
-    fp32, cached decoding, RoPE); if they differ, nothing is written.
+    loaded back and compared with the student (`verify_parity`: full-forward logits, cached decoding and
+    RoPE, exact in float64 and within float32 rounding as saved); if they differ, nothing is written.
     """
     if out is None:
         raise SsmifyError("--out: say where the export goes")
@@ -60,7 +60,7 @@ def export(
         dtype = resolve_dtype(str(config.dtype).removeprefix("torch.")) if config.dtype else torch.float32
 
     chosen = TARGETS[name]
-    # The comparison runs in fp32; a half-precision student is compared through an fp32 copy.
+    # The comparison starts from fp32 (then float64); a half-precision student is compared through an fp32 copy.
     reference = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     was_training = reference.training
     reference.eval()
@@ -92,13 +92,18 @@ def export(
             (staging / "README.md").write_text(model_card(chosen, spec, source, report))
     finally:
         reference.train(was_training)
+    parity = report["parity"]
     log.info(
-        "exported %s to %s as %s; max |logit difference| %.1e (forward), %.1e (cached decoding)",
+        "exported %s to %s as %s; max |logit difference| in float64 %.1e (forward), %.1e (cached decoding); "
+        "in float32 %.1e, %.1e (largest |logit| %.1f)",
         source,
         out,
         chosen.architecture,
-        report["parity"]["forward"],
-        report["parity"]["decode"],
+        parity["float64"]["forward"],
+        parity["float64"]["decode"],
+        parity["float32"]["forward"],
+        parity["float32"]["decode"],
+        parity["logit_scale"],
     )
     if tokenizer is None:
         log.warning(
