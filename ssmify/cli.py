@@ -1,9 +1,9 @@
 """The one entry point: `ssmify convert | distill | eval | export | demo`.
 
-Each subcommand lives beside the code it drives, in a module that defines
-`register(subparsers)`; that function adds the subparser and sets `func` to a
-callable taking the parsed arguments. Modules import lazily, so `ssmify --help`
-stays fast and a subcommand's heavy imports load only when it runs.
+Each subcommand's parser lives in `ssmify.commands.<name>`, a module that defines
+`register(subparsers)`; that function adds the subparser and sets `func` to a callable taking the
+parsed arguments. Those modules import nothing heavy, so `ssmify --help` and `ssmify CMD --help`
+load no torch; a subcommand's heavy imports load only when it runs.
 """
 
 from __future__ import annotations
@@ -11,43 +11,78 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ssmify.errors import SsmifyError
+from ssmify.version import version
 
-SUBCOMMANDS = {
-    "convert": "ssmify.convert.cli",
-    "distill": "ssmify.distill.cli",
-    "eval": "ssmify.eval.cli",
-    "export": "ssmify.export.cli",
-    "demo": "ssmify.demo",
-}
+SUBCOMMANDS = ("convert", "distill", "eval", "export", "demo")
+QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
+
+
+def add_verbosity(parser: argparse.ArgumentParser, default: int | str) -> None:
+    """-v/--verbose and -q/--quiet; on a subparser the default is SUPPRESS, so the top level's value stays."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const=VERBOSE,
+        default=default,
+        help="debug logging",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        dest="log_level",
+        action="store_const",
+        const=QUIET,
+        default=default,
+        help="warnings and errors only",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssmify", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ssmify {version()}")
+    add_verbosity(parser, NORMAL)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module_name in SUBCOMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # that capability has not landed yet
-        module.register(sub)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"ssmify.commands.{name}").register(sub)
+    for subparser in sub.choices.values():
+        add_verbosity(subparser, argparse.SUPPRESS)
     return parser
+
+
+def process_rank() -> int:
+    """This process's rank under a multi-process launch (accelerate, torchrun set RANK), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def setup_logging(level: int) -> None:
+    """Log lines with time, level and logger; processes other than rank 0 log warnings and errors only."""
+    rank = process_rank()
+    where = f" [rank {rank}]" if rank else ""
+    logging.basicConfig(
+        level=level if rank == 0 else max(level, QUIET),
+        format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.log_level)
     try:
+        from ssmify.convert.student import register
+
+        register()  # the Auto classes learn the "ssmify" model type, as `import ssmify` does elsewhere
         result = args.func(args)
     except SsmifyError as err:
         print(f"ssmify: error: {err}", file=sys.stderr)

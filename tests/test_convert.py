@@ -282,6 +282,12 @@ def _corrupt_dir(tmp_path: Path, teacher_dir: Path) -> Path:
     return tmp_path / "corrupt"
 
 
+def _latin1_text(tmp_path: Path) -> Path:
+    path = tmp_path / "calibration.txt"
+    path.write_bytes("caf\u00e9 au lait ".encode("latin-1") * 50)
+    return path
+
+
 BAD_INPUTS = {
     "unknown family": (lambda tmp, t: [str(_unsupported_dir(tmp))], "supported families"),
     "missing path": (lambda tmp, t: [str(tmp / "nowhere")], "no such file"),
@@ -297,6 +303,10 @@ BAD_INPUTS = {
         "--layer-choice",
     ),
     "corrupt safetensors": (lambda tmp, t: [str(_corrupt_dir(tmp, t))], "model.safetensors"),
+    "calibration text not UTF-8": (
+        lambda tmp, t: [str(t), "--calibration-text", str(_latin1_text(tmp))],
+        "calibration.txt: not UTF-8",
+    ),
 }
 
 
@@ -313,15 +323,22 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2_and_no_output(case, tmp_
     assert not out.exists() and not any(p.name.startswith(".student") for p in tmp_path.iterdir())
 
 
-def test_existing_output_folder_needs_overwrite(tmp_path, teacher_dir, capsys):
+def test_existing_output_folder_needs_overwrite_and_overwrite_replaces_only_a_student(
+    tmp_path, teacher_dir, capsys
+):
     out = tmp_path / "student"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, err = run_cli(["convert", str(teacher_dir), "--out", str(out)], capsys)
-    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    assert code == 2 and "pass --overwrite" in err and err.count("\n") == 1
+    code, err = run_cli(["convert", str(teacher_dir), "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and "only a folder that ssmify wrote" in err and str(out) in err and err.count("\n") == 1
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli(["convert", str(teacher_dir), "--out", str(out)], capsys)[0] == 0
+    (out / "stale.txt").write_text("from before")
     code, _ = run_cli(["convert", str(teacher_dir), "--out", str(out), "--overwrite"], capsys)
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert code == 0 and not (out / "stale.txt").exists() and (out / "config.json").is_file()
 
 
 def test_cli_converts_and_reports_perplexity_before_training(tmp_path, teacher_dir, capsys):

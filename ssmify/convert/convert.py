@@ -8,24 +8,23 @@ import logging
 import math
 import os
 import time
-from importlib import metadata
-from importlib.resources import files
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ssmify.atomic import atomic_directory, is_nonempty_dir
+from ssmify.atomic import atomic_directory, check_output_dir
+from ssmify.cards import distillation_section, front_matter
 from ssmify.convert.adapters import get_adapter
+from ssmify.convert.build import calibration_windows, read_calibration_text, seeded_student
 from ssmify.convert.plan import LayerPlan
-from ssmify.convert.probes import teacher_attention
-from ssmify.convert.seed import calibrate_mixer, mixer_settings, seed_mixer, teacher_head_outputs
-from ssmify.convert.student import MODEL_TYPE, build_student, mixer_layers
+from ssmify.convert.sensitivity import CHOICE_METRICS, cached_layer_scores, choose_layers
+from ssmify.convert.student import MODEL_TYPE
 from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.mixers import MIXERS
+from ssmify.version import version
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,6 @@ INITS = ("seeded", "random")
 LAYER_CHOICES = ("even", "sensitive", "kl", "retrieval", "auto")
 # Calibration windows the layer scores (loss, kl) are measured on (--layer-choice other than even).
 SENSITIVITY_WINDOWS = 2
-CALIBRATION_WINDOW = 256
-CALIBRATION_WINDOWS = 8
 
 
 def convert(
@@ -78,8 +75,9 @@ def convert(
         raise SsmifyError(
             f"--layer-choice {layer_choice} chooses among layers: give --keep-attention F, the share to keep"
         )
-    if out is not None and is_nonempty_dir(Path(out)) and not overwrite:
-        raise SsmifyError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+    if out is not None:
+        check_output_dir(out, overwrite)
+    text = read_calibration_text(calibration_text)
     out_dtype = resolve_dtype(dtype) if dtype is not None else None
     started = time.perf_counter()
 
@@ -95,14 +93,10 @@ def convert(
         tokenizer = tokenizer or loaded
     model.eval()
     family = model.config.model_type
-    adapter = get_adapter(family)
-    blocks = adapter.decoder_layers(model)
-    windows = _calibration_windows(model, tokenizer, calibration_text)
+    windows = calibration_windows(model, tokenizer, text)
     calibration, held_out = windows[0::2], windows[1::2] if len(windows) > 1 else windows
     scores = None
     if layer_choice != "even" and 0 < len(plan.attention_layers) < plan.num_layers:
-        from ssmify.convert.sensitivity import CHOICE_METRICS, cached_layer_scores, choose_layers
-
         teacher_dir = None if isinstance(teacher, PreTrainedModel) else teacher
         ids = calibration[:SENSITIVITY_WINDOWS]
         metrics = CHOICE_METRICS[layer_choice]
@@ -110,36 +104,7 @@ def convert(
         plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
     log.info("plan: %s", plan.describe())
 
-    first = adapter.read_attention(getattr(blocks[0], adapter.attention_attr))
-    block = {
-        "base_model_type": family,
-        "mixer": mixer,
-        "mixer_config": mixer_settings(mixer, first, chunk_size, norm_eps=_norm_eps(model.config)),
-        "attention_layers": list(plan.attention_layers),
-    }
-    torch.manual_seed(seed)
-    student = build_student(model.config, block)
-    student.to(device=model.device, dtype=next(model.parameters()).dtype).eval()
-    _copy_teacher_weights(student, model, adapter.attention_attr, plan)
-    student.generation_config = model.generation_config
-
-    mixers = mixer_layers(student)
-    if init == "seeded" and plan.converted:
-        attentions = {
-            i: adapter.read_attention(getattr(blocks[i], adapter.attention_attr)) for i in plan.converted
-        }
-        for i in plan.converted:
-            seed_mixer(mixers[i], attentions[i])
-        with torch.no_grad():
-            probes = teacher_attention(model, calibration, plan.converted)
-        for i, probe in probes.items():
-            target = teacher_head_outputs(attentions[i], probe.inputs, probe.probs)
-            calibrate_mixer(mixers[i], probe.inputs, target)
-        log.info(
-            "seeded %d mixers from attention and calibrated them on %d tokens",
-            len(probes),
-            calibration.numel(),
-        )
+    student = seeded_student(model, plan, mixer, init, calibration, chunk_size, seed)
 
     report = {
         "teacher": source,
@@ -167,7 +132,7 @@ def convert(
     student.config.ssmify["provenance"] = {
         "teacher": source,
         "init": init,
-        "ssmify_version": _version(),
+        "ssmify_version": version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "perplexity_before_training": {k: report[k] for k in ("teacher_perplexity", "student_perplexity")},
     }
@@ -187,57 +152,6 @@ def _check_plan(
         raise SsmifyError(f"{source}: is already an ssmify student; convert its teacher instead")
     get_adapter(config.model_type)
     return LayerPlan.from_args(config.num_hidden_layers, attention_layers, keep_attention)
-
-
-def _norm_eps(config: PretrainedConfig) -> float:
-    """The teacher's own norm epsilon, so that the mixer's gated norm matches what export targets use."""
-    for name in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
-        if isinstance(getattr(config, name, None), float):
-            return getattr(config, name)
-    return 1e-5
-
-
-def _copy_teacher_weights(
-    student: nn.Module, teacher: nn.Module, attention_attr: str, plan: LayerPlan
-) -> None:
-    """Load every teacher weight the student shares; check that what differs is exactly the swapped attention."""
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    converted = {str(i) for i in plan.converted}
-
-    def in_converted_attention(key: str) -> bool:
-        parts = key.split(".")
-        return any(parts[j] in converted and parts[j + 1] == attention_attr for j in range(len(parts) - 1))
-
-    wrong_missing = [k for k in missing if ".mixer." not in k]
-    wrong_unexpected = [k for k in unexpected if not in_converted_attention(k)]
-    if wrong_missing or wrong_unexpected:
-        raise SsmifyError(
-            f"teacher and student weights do not line up: missing {wrong_missing[:3]}, "
-            f"unexpected {wrong_unexpected[:3]}"
-        )
-
-
-def _calibration_windows(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike | None
-) -> torch.Tensor:
-    """Token windows (n, CALIBRATION_WINDOW) of the calibration text; random tokens if there is no tokenizer."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SsmifyError(f"--calibration-text: {path}: no such file")
-        text = path.read_text(encoding="utf-8")
-    else:
-        text = files("ssmify.convert").joinpath("data/calibration.txt").read_text(encoding="utf-8")
-    if tokenizer is None:
-        log.warning("no tokenizer: calibrating on random tokens")
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (2 * CALIBRATION_WINDOW,), generator=generator)
-    else:
-        ids = torch.tensor(tokenizer(text)["input_ids"])
-    n = min(len(ids) // CALIBRATION_WINDOW, CALIBRATION_WINDOWS)
-    if n == 0:
-        raise SsmifyError(f"calibration text has {len(ids)} tokens; it needs at least {CALIBRATION_WINDOW}")
-    return ids[: n * CALIBRATION_WINDOW].view(n, CALIBRATION_WINDOW).to(model.device)
 
 
 @torch.no_grad()
@@ -271,16 +185,16 @@ def save_student(
     return Path(out)
 
 
-def model_card(student: PreTrainedModel, report: dict | None) -> str:
+def model_card(student: PreTrainedModel, report: dict | None, stages: list[dict] | None = None) -> str:
+    """The student's README.md: front matter naming the teacher, what was converted, how to load it,
+    perplexity at conversion (`report`) and the distillation stages it went through (`stages`)."""
     block = student.config.ssmify
     kept = block["attention_layers"]
     n = student.config.num_hidden_layers
+    teacher = block.get("provenance", {}).get("teacher")
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [ssmify, mamba2, hybrid, distillation]",
-        "---",
-        f"# ssmify student of `{block.get('provenance', {}).get('teacher', 'unknown')}`",
+        *front_matter(teacher, ["ssmify", "mamba2", "hybrid", "distillation"]),
+        f"# ssmify student of `{teacher or 'unknown'}`",
         "",
         f"A {block['base_model_type']} model in which {n - len(kept)} of {n} attention layers were replaced by "
         f"`{block['mixer']}` mixers ({'seeded from the attention weights' if _init(block) == 'seeded' else _init(block)}).",
@@ -308,15 +222,9 @@ def model_card(student: PreTrainedModel, report: dict | None) -> str:
             f"| teacher | {report['teacher_perplexity']:.2f} |",
             f"| student | {report['student_perplexity']:.2f} |",
         ]
+    lines += distillation_section(stages or [])
     return "\n".join(lines) + "\n"
 
 
 def _init(block: dict) -> str:
     return block.get("provenance", {}).get("init", "seeded")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("ssmify")
-    except metadata.PackageNotFoundError:
-        return "unknown"

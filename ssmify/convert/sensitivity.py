@@ -38,6 +38,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ssmify.atomic import write_text_atomic
 from ssmify.convert.adapters import get_adapter
+from ssmify.convert.build import calibration_windows, read_calibration_text, seeded_student
 from ssmify.convert.lookup import (
     INDUCTION_RUN,
     filler_tokens,
@@ -122,8 +123,6 @@ def layer_scores(
     """{metric: {layer: damage when that layer alone becomes its seeded mixer}} for `metrics` among
     loss, kl, retrieval (which adds retrieval_nll). `input_ids` (N, L) is the calibration text scored
     by loss and kl; `tokenizer` is the teacher's (retrieval needs it). The teacher is left as it was."""
-    from ssmify.convert.convert import convert
-
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise SsmifyError(
@@ -141,7 +140,11 @@ def layer_scores(
         else None
     )
     log.info("layer scores (%s): seeding a mixer in every layer of the teacher", ", ".join(metrics))
-    every_layer = convert(teacher, mixer=mixer, keep_attention=0.0, tokenizer=tokenizer, seed=seed)
+    calibration = calibration_windows(teacher, tokenizer, read_calibration_text(None))[
+        0::2
+    ]  # what convert calibrates on
+    no_attention = LayerPlan.from_args(teacher.config.num_hidden_layers, None, 0.0)
+    every_layer = seeded_student(teacher, no_attention, mixer, "seeded", calibration, seed=seed)
     teacher_blocks = adapter.decoder_layers(teacher)
     mixer_blocks = adapter.decoder_layers(every_layer)
 

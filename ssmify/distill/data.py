@@ -191,7 +191,7 @@ class DocumentSource:
                 kwargs = {"sample_by": SAMPLE_BY[self.config.documents], "keep_linebreaks": True}
             dataset = load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
             field = "text" if builder == "text" else self.config.field
-            for example in dataset:
+            for example in _read_records(path, dataset):
                 if field not in example:
                     raise SsmifyError(f"{path}: no field {field!r} in its records (set data.field)")
                 if self.keeps(j, index):
@@ -226,6 +226,29 @@ class DocumentSource:
             dataset = dataset.shuffle(seed=shuffle_seed, buffer_size=buffer_size)
         for example in dataset:
             yield example[source.field]
+
+
+def _read_records(path: Path, dataset: Iterable[dict]) -> Iterator[dict]:
+    """The records of a local file; a file that does not parse is an error naming it, not a traceback."""
+    records = iter(dataset)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as err:  # datasets wraps parse errors (JSON, UTF-8, parquet) in several types
+            raise SsmifyError(
+                f"data: {path}: cannot be read as {path.suffix} data: {_root_cause(err)}"
+            ) from None
+        yield record
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost cause of an error, which names what did not parse."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def check_data_files(config: DataConfig) -> None:

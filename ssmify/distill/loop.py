@@ -30,6 +30,12 @@ from accelerate.utils import (
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssmify.atomic import write_text_atomic
+from ssmify.cards import (  # a stage folder with summary.json (written last) is finished
+    SUMMARY_FILE,
+    distillation_history,
+)
+from ssmify.convert.convert import model_card
 from ssmify.distill.checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint, write_json_atomic
 from ssmify.distill.data import Blocks, DistillData
 from ssmify.distill.objectives import build_objective
@@ -40,8 +46,6 @@ from ssmify.distill.students import load_student, save_student
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"  # written last: a stage folder with it is finished
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         fresh_objective = build_objective(stage, fresh)
         fresh_objective.load_state_dict(state)
         save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
+        earlier = distillation_history(ctx.start_dir)
+        write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
         write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
         if recipe.trackers:
             accelerator.log({"val_loss": val}, step=plan.steps)

@@ -27,7 +27,7 @@ from torch import nn
 from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
 from ssmify.distill.data import check_data_files, load_data
-from ssmify.distill.loop import SUMMARY_FILE, StageContext, train_stage
+from ssmify.distill.loop import SUMMARY_FILE, StageContext, plan_stage, train_stage
 from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import check_vocabulary
@@ -39,19 +39,30 @@ CONVERT_DIR = "0-convert"
 RECIPE_FILE = "recipe.yaml"
 
 
-def run_recipe(recipe: Recipe, resume: bool = False) -> list[dict]:
-    """Train every unfinished stage of `recipe`; returns each stage's summary (finished ones from disk)."""
+def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> list[dict]:
+    """Train every unfinished stage of `recipe`; returns each stage's summary (finished ones from disk).
+
+    Every input is checked before any model loads: the data files, each stage's batch sizes, the
+    output folder, and on `resume` that the recipe is the one the run started with (unless `force`).
+    """
     out = Path(recipe.output_dir)
     state = distributed_state()
+    if out.exists() and not out.is_dir():
+        raise SsmifyError(f"output_dir {out}: exists and is not a folder; choose a folder path")
     check_data_files(recipe.data)
+    for index in range(len(recipe.stages)):
+        plan_stage(recipe, index, state.num_processes)
     stage_dirs = [out / stage_dir_name(i, s) for i, s in enumerate(recipe.stages)]
     if not resume and any(d.exists() for d in [out / CONVERT_DIR, *stage_dirs]):
         raise SsmifyError(
             f"output_dir {out}: it already holds a run; "
             "pass --resume to continue it, or choose another output_dir"
         )
+    if resume:
+        check_same_recipe(recipe, out / RECIPE_FILE, force)
     if state.is_main_process:
-        record_recipe(recipe, out / RECIPE_FILE, resume)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / RECIPE_FILE, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     state.wait_for_everyone()
     finished = [(d / SUMMARY_FILE).is_file() for d in stage_dirs]
     first_open = finished.index(False) if False in finished else len(finished)
@@ -93,17 +104,31 @@ def teacher_dtype(recipe: Recipe) -> str:
     return "float32"
 
 
-def record_recipe(recipe: Recipe, path: Path, resume: bool) -> None:
-    """Save the validated recipe beside the run; on resume, warn about what changed since."""
-    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    if resume and path.is_file():
-        before = yaml.safe_load(path.read_text()) or {}
-        now = recipe.model_dump(mode="json")
-        changed = [k for k in now if before.get(k) != now[k]]
-        if changed:
-            logger.warning("resuming with a recipe that differs from %s in: %s", path, ", ".join(changed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+def check_same_recipe(recipe: Recipe, path: Path, force: bool) -> None:
+    """Refuse to resume with a recipe that differs from the run's saved one, naming the changed fields."""
+    if not path.is_file():
+        return
+    before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    changed = changed_fields(before, recipe.model_dump(mode="json"))
+    if not changed:
+        return
+    fields = ", ".join(changed)
+    if not force:
+        raise SsmifyError(
+            f"--resume: the recipe differs from the run's {path} in {fields}; "
+            "pass --force to resume with it anyway, or choose another output_dir"
+        )
+    logger.warning("--force: resuming with a recipe that differs from %s in %s", path, fields)
+
+
+def changed_fields(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted paths (e.g. stages.1.lr) where two recipe dumps differ."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = list(now) + [k for k in before if k not in now]
+        return [f for k in keys for f in changed_fields(before.get(k), now.get(k), f"{prefix}{k}.")]
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        return [f for i, (b, n) in enumerate(zip(before, now)) for f in changed_fields(b, n, f"{prefix}{i}.")]
+    return [] if before == now else [prefix.rstrip(".") or "the whole recipe"]
 
 
 def find_or_convert_student(

@@ -11,6 +11,6 @@ Hugging Face causal LM (teacher, ssmify student, exported student):
 
 `data.load_data` builds the `EvalData` they read, `options.EvalOptions` sizes them,
 `tasks.run_tasks` runs a list of them, and `report.write_report` writes report.json, report.md
-and the plots. `ssmify eval` (cli.py) does all of it from the command line. Submodules are not
+and the plots. `ssmify eval` (ssmify.commands.eval) does all of it from the command line. Submodules are not
 imported here, so that `ssmify --help` stays fast.
 """

@@ -45,7 +45,12 @@ def read_documents(path: str | Path) -> list[str]:
     """A .txt file is one document; a .jsonl file holds one document a line, in the string field "text"."""
     path = Path(path)
     check_files([str(path)])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SsmifyError(
+            f"{path}: not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8"
+        ) from None
     if path.suffix == ".txt":
         return [text]
     documents = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssmify.cards import distillation_history, distillation_section, front_matter
 from ssmify.export.base import ExportTarget
 from ssmify.export.spec import StudentSpec
 
@@ -18,10 +19,7 @@ def model_card(target: ExportTarget, spec: StudentSpec, source: str, report: dic
         else "every layer holds"
     )
     lines = [
-        "---",
-        "library_name: transformers",
-        f"tags: [ssmify, mamba2, hybrid, {target.name}]",
-        "---",
+        *front_matter(teacher if teacher != "unknown" else None, ["ssmify", "mamba2", "hybrid", target.name]),
         f"# {target.architecture} export of an ssmify student",
         "",
         f"Exported by ssmify from the student `{source}` (teacher `{teacher}`, a {family} model). This folder "
@@ -71,4 +69,5 @@ def model_card(target: ExportTarget, spec: StudentSpec, source: str, report: dic
         f"Engines with a `{target.architecture}` implementation: {target.engines}. ssmify has not run them "
         "on this export; see the ssmify README for what is known about each.",
     ]
+    lines += distillation_section(distillation_history(source))
     return "\n".join(lines) + "\n"

@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import os
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ssmify.atomic import atomic_directory, is_nonempty_dir
+from ssmify.atomic import atomic_directory, check_output_dir
 from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.export.card import model_card
@@ -22,6 +21,7 @@ from ssmify.export.checks import choose_target
 from ssmify.export.spec import read_student
 from ssmify.export.targets import TARGETS
 from ssmify.export.verify import TOLERANCE, verify_parity
+from ssmify.version import version
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ def export(
     """
     if out is None:
         raise SsmifyError("--out: say where the export goes")
-    if is_nonempty_dir(Path(out)) and not overwrite:
-        raise SsmifyError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(out, overwrite)
 
     if isinstance(student, PreTrainedModel):
         source = _in_memory_name(student)
@@ -86,7 +85,7 @@ def export(
                 "dtype": str(dtype).removeprefix("torch."),
                 "parity": verify_parity(reference, exported.eval()),
                 "tolerance": TOLERANCE,
-                "ssmify_version": _version(),
+                "ssmify_version": version(),
             }
             (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "README.md").write_text(model_card(chosen, spec, source, report))
@@ -121,10 +120,3 @@ def _in_memory_name(student: PreTrainedModel) -> str:
         else None
     )
     return path if path and path != teacher else "<in-memory student>"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("ssmify")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ssmify.export.targets import TARGETS
+TARGET_NAMES = (
+    "bamba",
+    "granitemoehybrid",
+    "falcon_h1",
+)  # ssmify.export.targets.TARGETS, without its imports
 
 
 def register(subparsers) -> None:
@@ -19,7 +23,7 @@ def register(subparsers) -> None:
         "--to",
         default="auto",
         metavar="TARGET",
-        help=f"auto (default: the first that holds the student exactly) or one of {', '.join(TARGETS)}",
+        help=f"auto (default: the first that holds the student exactly) or one of {', '.join(TARGET_NAMES)}",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="the export folder")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")

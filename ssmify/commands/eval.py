@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ssmify.errors import SsmifyError
 
@@ -50,6 +51,11 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward")
     parser.add_argument(
         "--out", default="eval-report", metavar="DIR", help="where report.json/.md and plots go"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out folder that holds an earlier report",
     )
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
@@ -127,6 +133,7 @@ def _check_positive(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every input first, then load, evaluate and write the report."""
+    from ssmify.atomic import atomic_directory, check_output_dir
     from ssmify.eval.data import check_files, load_data
     from ssmify.eval.loading import load_models
     from ssmify.eval.options import EvalOptions
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.filler == "data" and not args.data:
         raise SsmifyError("--filler data takes the haystack from --data: pass --data FILE")
     check_files(args.data)
+    check_output_dir(args.out, args.overwrite)
     options = EvalOptions(
         seq_len=args.seq_len,
         max_tokens=args.max_tokens,
@@ -172,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         "data": list(args.data),
         **results,
     }
-    written = write_report(report, args.out)
-    log.info("wrote %s and %s", written["json"], written["markdown"])
+    with atomic_directory(args.out, overwrite=args.overwrite) as staging:
+        written = write_report(report, staging)
+    log.info(
+        "wrote %s and %s", Path(args.out) / written["json"].name, Path(args.out) / written["markdown"].name
+    )
     return 0

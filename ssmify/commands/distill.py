@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue the run in output_dir: skip finished stages, resume the current one from a checkpoint",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue even though the recipe differs from the one the run started with",
+    )
     parser.set_defaults(func=run)
 
 
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ssmify.distill.state import distributed_state
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summaries = run_recipe(recipe, resume=args.resume)
+    summaries = run_recipe(recipe, resume=args.resume, force=args.force)
     if distributed_state().is_main_process:
         for summary in summaries:
             shown = {k: v for k, v in summary.items() if k not in ("losses", "val_losses")}
