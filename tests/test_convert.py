@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny_models import tiny_model
 from transformers import AttentionInterface, AutoModelForCausalLM
 
@@ -339,6 +340,16 @@ def test_existing_output_folder_needs_overwrite_and_overwrite_replaces_only_a_st
     (out / "stale.txt").write_text("from before")
     code, _ = run_cli(["convert", str(teacher_dir), "--out", str(out), "--overwrite"], capsys)
     assert code == 0 and not (out / "stale.txt").exists() and (out / "config.json").is_file()
+
+
+def test_student_card_names_the_teacher_as_base_model(tmp_path, teacher_dir, capsys):
+    out = tmp_path / "student"
+    assert run_cli(["convert", str(teacher_dir), "--out", str(out)], capsys)[0] == 0
+    _, front, body = (out / "README.md").read_text().split("---\n", 2)
+    front = yaml.safe_load(front)
+    assert front["base_model"] == str(teacher_dir) and front["base_model_relation"] == "finetune"
+    assert front["library_name"] == "transformers" and "ssmify" in front["tags"]
+    assert body.startswith(f"# ssmify student of `{teacher_dir}`")
 
 
 def test_cli_converts_and_reports_perplexity_before_training(tmp_path, teacher_dir, capsys):

@@ -100,6 +100,9 @@ def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkey
     assert torch.equal(logits[mlp], start[mlp])  # trainable: mixers
     assert summaries[2]["val_loss_last"] < summaries[2]["val_loss_first"]
     assert len(summaries[2]["val_losses"]) == 4  # step 0, 2, 4 and the end
+    front, card = front_matter_and_body(out / "2-hidden" / "README.md")
+    assert front["base_model"] == str(workspace / "teacher") and front["library_name"] == "transformers"
+    assert "| 1-matrix | 256 |" in card and "| 2-hidden | 512 |" in card and "3-logits" not in card
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a finished run must not load the teacher again")
@@ -211,6 +214,12 @@ def test_a_nan_loss_stops_the_run_and_points_at_the_last_good_checkpoint(workspa
     assert not (stage_dir / "summary.json").exists() and not (stage_dir / "model.safetensors").exists()
 
 
+def front_matter_and_body(readme: Path) -> tuple[dict, str]:
+    """A model card's YAML front matter, parsed, and the markdown after it."""
+    _, front, body = readme.read_text(encoding="utf-8").split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
 def cli_error(args: list[str], capsys) -> str:
     """The CLI's error line; it must exit 2 with exactly one such line, last, and no traceback."""
     capsys.readouterr()
@@ -260,3 +269,53 @@ def test_a_student_with_another_vocabulary_is_refused(workspace, tmp_path, capsy
     path = write_recipe(tmp_path / "r.yaml", raw)
     line = cli_error(["distill", str(path)], capsys)
     assert "other-student: vocab_size 96 does not match the teacher's 128" in line
+
+
+def test_input_errors_found_before_any_model_loads_are_one_line(workspace, tmp_path, capsys, monkeypatch):
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher must not load before the inputs are checked")
+
+    monkeypatch.setattr(run_module, "load_teacher", no_teacher)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("teacher: caf\u00e9\n".encode("latin-1"))
+    assert f"{latin1}: not UTF-8 text" in cli_error(["distill", str(latin1)], capsys)
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    raw = recipe_dict(workspace, [stage("logits")], output_dir=str(a_file))
+    line = cli_error(["distill", str(write_recipe(tmp_path / "file.yaml", raw))], capsys)
+    assert f"output_dir {a_file}: exists and is not a folder" in line
+
+    later = stage("logits", micro_batch_size=3)  # 128 tokens a batch is not 3 sequences of 32
+    raw = recipe_dict(workspace, [stage("matrix"), later], output_dir=str(tmp_path / "sizes"))
+    line = cli_error(["distill", str(write_recipe(tmp_path / "sizes.yaml", raw))], capsys)
+    assert "stages.1.global_batch_tokens: 128 is not a multiple of micro_batch_size x seq_len" in line
+    assert not (tmp_path / "sizes").exists()
+
+
+def test_a_malformed_jsonl_line_in_the_data_is_a_one_line_error(workspace, tmp_path, capsys):
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text('{"text": "a fine first document"}\n{"text": "cut off\n{"text": "third"}\n')
+    raw = recipe_dict(workspace, [stage("logits")], output_dir=str(tmp_path / "run"))
+    raw["data"]["train"] = [str(corpus)]
+    line = cli_error(["distill", str(write_recipe(tmp_path / "r.yaml", raw))], capsys)
+    assert f"data: {corpus}: cannot be read as .jsonl data" in line
+
+
+def test_resume_refuses_a_changed_recipe_unless_forced(workspace, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    raw = recipe_dict(workspace, [stage("logits")], output_dir=str(out))
+    started = parse_recipe(raw)
+    out.mkdir()
+    (out / "recipe.yaml").write_text(yaml.safe_dump(started.model_dump(mode="json"), sort_keys=False))
+    (out / "1-logits").mkdir()
+    (out / "1-logits" / "summary.json").write_text(json.dumps({"stage": "1-logits"}))  # finished
+    changed = write_recipe(
+        tmp_path / "changed.yaml", {**raw, "seed": 7, "stages": [stage("logits", lr=1e-4)]}
+    )
+
+    line = cli_error(["distill", str(changed), "--resume"], capsys)
+    assert "recipe differs from the run's" in line and "seed, stages.0.lr; pass --force" in line
+    caplog.set_level(logging.WARNING, logger="ssmify.distill.run")
+    assert main(["distill", str(changed), "--resume", "--force"]) == 0
+    assert any("seed, stages.0.lr" in r.getMessage() for r in caplog.records)

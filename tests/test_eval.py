@@ -291,3 +291,35 @@ def test_cli_writes_a_side_by_side_report(model_dirs, texts, tmp_path, capsys):
     assert f"- teacher: `{teacher}`" in markdown
     assert "| context | prefill s (student / teacher) |" in markdown
     assert "![speed](speed.png)" in markdown
+
+
+def test_cli_data_that_is_not_utf8_is_a_one_line_error(model_dirs, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 40)
+    code, err = _run(
+        ["eval", str(model_dirs[0]), "--data", str(latin1), "--out", str(tmp_path / "r")], capsys
+    )
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"ssmify: error: {latin1}: not UTF-8 text (bad byte at offset 3)")
+
+
+def test_cli_out_follows_the_overwrite_rule_of_convert_and_export(model_dirs, texts, tmp_path, capsys):
+    argv = ["eval", str(model_dirs[0]), "--data", str(texts[0]), "--tasks", "perplexity", "--seq-len", "64"]
+    report = tmp_path / "report"
+    assert _run([*argv, "--out", str(report)], capsys)[0] == 0
+    (report / "stale.png").write_bytes(b"from an earlier run")
+    code, err = _run([*argv, "--out", str(report)], capsys)
+    assert (
+        code == 2
+        and err
+        == f"ssmify: error: --out {report}: folder exists and is not empty; pass --overwrite to replace it"
+    )
+    assert _run([*argv, "--out", str(report), "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in report.iterdir()) == ["report.json", "report.md"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, err = _run([*argv, "--out", str(mine), "--overwrite"], capsys)
+    assert code == 2 and "only a folder that ssmify wrote" in err and "\n" not in err
+    assert (mine / "notes.txt").read_text() == "keep"

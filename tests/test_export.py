@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 from test_eval_support import (
     save_model,
@@ -198,3 +199,29 @@ def test_ssmify_eval_scores_an_exported_folder_as_it_scores_the_student(tmp_path
         values[name] = report["perplexity"]["value"]
     capsys.readouterr()
     assert values["export"] == pytest.approx(values["student"], rel=1e-5)
+
+
+def test_a_stage_export_card_names_the_teacher_and_the_distillation_and_overwrite_spares_other_folders(
+    tmp_path, capsys
+):
+    teacher = save_model(tiny_model("llama", seed=1), tmp_path / "teacher")
+    stage_dir = tmp_path / "run" / "1-logits"
+    convert(str(teacher), out=stage_dir, attention_layers=[1])
+    summary = {"stage": "1-logits", "tokens": 4096, "steps": 8, "seconds": 3.5, "loss_first": 2.0}
+    summary |= {"loss_last": 1.5, "val_loss_first": 2.1, "val_loss_last": 1.6}
+    (stage_dir / "summary.json").write_text(json.dumps(summary))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["export", str(stage_dir), "--out", str(foreign), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite replaces only a folder that ssmify wrote" in err and err.count("\n") == 1
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+    assert main(["export", str(stage_dir), "--out", str(tmp_path / "export")]) == 0
+    _, front, body = (tmp_path / "export" / "README.md").read_text().split("---\n", 2)
+    front = yaml.safe_load(front)
+    assert front["base_model"] == str(teacher) and front["base_model_relation"] == "finetune"
+    assert front["library_name"] == "transformers"
+    assert "## Distillation" in body and "| 1-logits | 4,096 | 8 | 2.0000 -> 1.5000 |" in body

@@ -6,6 +6,7 @@ no context and is not scored.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class EvalData:
 
 
 def check_files(paths: list[str]) -> None:
-    """Fail early, before any model loads, on a data file that is missing or of an unknown type."""
+    """Fail early, before any model loads, on a data file that is missing, of an unknown type, or not UTF-8."""
     for path in map(Path, paths):
         if not path.is_file():
             raise SsmifyError(f"{path}: data file not found")
@@ -39,18 +40,32 @@ def check_files(paths: list[str]) -> None:
             raise SsmifyError(
                 f"{path}: unsupported data file type; use .txt or .jsonl (one {{'text': ...}} a line)"
             )
+        check_utf8(path)
+
+
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 text, naming the offset of its first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                raise SsmifyError(
+                    f"{path}: not UTF-8 text (bad byte at offset {offset + err.start}); save it as UTF-8"
+                ) from None
+            if not data:
+                return
+            offset += len(data)
 
 
 def read_documents(path: str | Path) -> list[str]:
     """A .txt file is one document; a .jsonl file holds one document a line, in the string field "text"."""
     path = Path(path)
     check_files([str(path)])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SsmifyError(
-            f"{path}: not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8"
-        ) from None
+    text = path.read_text(encoding="utf-8")
     if path.suffix == ".txt":
         return [text]
     documents = []
