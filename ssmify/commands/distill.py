@@ -1,4 +1,4 @@
-"""`ssmify distill RECIPE.yaml [--set key=value ...] [--resume]`, also under `accelerate launch -m ssmify`."""
+"""`ssmify distill RECIPE.yaml [--set key=value ...] [--resume [--force]]`, also under `accelerate launch -m ssmify`."""
 
 from __future__ import annotations
 
