@@ -197,8 +197,8 @@ def main() -> None:
                     run_dir = out / name
                     shutil.rmtree(run_dir, ignore_errors=True)
                     start = time.perf_counter()
-                    student = convert(
-                        teacher,
+                    student = convert(  # from the folder, so that the layer scores are cached
+                        str(teacher_dir),
                         out=run_dir / "convert",
                         keep_attention=keep,
                         layer_choice=choice,
@@ -207,6 +207,7 @@ def main() -> None:
                         overwrite=True,
                     )
                     layers = student.config.ssmify["attention_layers"]
+                    layer_scores = student.convert_report["layer_scores"]
                     del student
                     recipe = copy.deepcopy(base)
                     recipe.update(
@@ -237,6 +238,7 @@ def main() -> None:
                         "synthetic": fraction,
                         "seed": seed,
                         "attention_layers": layers,
+                        "layer_scores": layer_scores,
                         "training_tokens": sum(s["tokens"] for s in recipe["stages"]),
                         "perplexity": float(torch.tensor(sums.nll / sums.tokens).exp()),
                         "retrieval": {t: {str(n): v for n, v in a.items()} for t, a in scores.items()},
