@@ -215,6 +215,7 @@ def main() -> None:
                     )
                     recipe["output_dir"] = str(run_dir)
                     recipe["data"] = {**recipe["data"], "train": [str(train)], "validation": [str(heldout)]}
+                    recipe["data"].pop("synthetic", None)  # this run's fraction, not the recipe's
                     if fraction > 0:
                         recipe["data"]["synthetic"] = {
                             "fraction": fraction,
