@@ -183,7 +183,7 @@ def commands(student: Path, teacher: Path, heldout: Path, eval_tokens: int, cont
         "evaluate": (
             f"{python} -m ssmify eval {quote(str(student))} --teacher {quote(str(teacher))} "
             f"--data {quote(str(heldout))} --max-tokens {eval_tokens} "
-            f"--tasks perplexity,agreement,recall,speed --speed-lengths 1024,{context} "
+            f"--tasks perplexity,agreement,retrieval,speed --lengths 1024,2048 --speed-lengths 1024,{context} "
             f"--out {quote(str(out / 'eval'))}"
         ),
         "export": f"{python} -m ssmify export {quote(str(student))} --out {quote(str(out / 'export'))}",
@@ -204,6 +204,21 @@ def write_report(report: dict, out: Path) -> Path:
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.md", render_markdown(report))
     return out / "report.md"
+
+
+def _retrieval_paragraph(rows: dict[str, dict]) -> list[str]:
+    """What the induction, passkey and retention columns mean, with the distilled student's retention by length."""
+    found = rows["distilled"].get("retrieval")
+    if not found or found["retention"] is None:
+        return []
+    by_length = ", ".join(f"{_number(v, 2)} at {n} tokens" for n, v in found["by_length"].items())
+    return [
+        "Induction (a planted run of random words, repeated: share of the second copy predicted exactly) and "
+        "passkey (a 5-digit key hidden in filler: share of greedy generated answers that contain it) measure "
+        "in-context retrieval, on the same seeded samples for every model (`ssmify.eval.retrieval`). "
+        f"Retention is the student's accuracy over the teacher's: {by_length} for the distilled student.",
+        "",
+    ]
 
 
 def render_markdown(report: dict) -> str:
@@ -232,6 +247,7 @@ def render_markdown(report: dict) -> str:
         f"The distilled student's perplexity is {rows['distilled']['ratio']:.2f}x the teacher's "
         f"(goal: at most {PERPLEXITY_TARGET:g}x); before training it was {rows['seeded']['ratio']:.1f}x.",
         "",
+        *_retrieval_paragraph(rows),
         "![held-out perplexity](perplexity.png)",
         "",
         "## What the demo did",
@@ -265,7 +281,7 @@ def render_markdown(report: dict) -> str:
         "```bash",
         "# chat with it",
         report["commands"]["chat"],
-        "# evaluate it (perplexity, agreement, associative recall, speed)",
+        "# evaluate it (perplexity, agreement, in-context retrieval, speed)",
         report["commands"]["evaluate"],
         "# export it to a native transformers architecture (loads without ssmify)",
         report["commands"]["export"],
