@@ -24,7 +24,7 @@ from ssmify.cli import main
 from ssmify.convert.student import is_student, mixer_layers, register
 from ssmify.distill.objectives.logits import LogitsObjective
 from ssmify.distill.recipe import parse_recipe
-from ssmify.distill.run import run_recipe
+from ssmify.distill.run import check_same_recipe, run_recipe
 from ssmify.errors import SsmifyError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,3 +319,9 @@ def test_resume_refuses_a_changed_recipe_unless_forced(workspace, tmp_path, caps
     caplog.set_level(logging.WARNING, logger="ssmify.distill.run")
     assert main(["distill", str(changed), "--resume", "--force"]) == 0
     assert any("seed, stages.0.lr" in r.getMessage() for r in caplog.records)
+    forced = {**raw, "seed": 7}  # the run's recipe is now the one it was forced to resume with
+    extended = parse_recipe({**forced, "stages": [stage("logits", lr=1e-4), stage("logits")]})
+    check_same_recipe(extended, out / "recipe.yaml", force=False)  # appended stages extend the run
+    reordered = parse_recipe({**forced, "stages": [stage("logits"), stage("logits", lr=1e-4)]})
+    with pytest.raises(SsmifyError, match=r"in stages\.0\.lr; pass --force"):
+        check_same_recipe(reordered, out / "recipe.yaml", force=False)

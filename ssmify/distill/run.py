@@ -105,11 +105,18 @@ def teacher_dtype(recipe: Recipe) -> str:
 
 
 def check_same_recipe(recipe: Recipe, path: Path, force: bool) -> None:
-    """Refuse to resume with a recipe that differs from the run's saved one, naming the changed fields."""
+    """Refuse to resume with a recipe that differs from the run's saved one, naming the changed fields.
+
+    Stages appended after the saved ones are no change: they extend the run (the saved stages must be a
+    prefix of the new list)."""
     if not path.is_file():
         return
     before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    changed = changed_fields(before, recipe.model_dump(mode="json"))
+    now = recipe.model_dump(mode="json")
+    saved_stages = before.get("stages")
+    if isinstance(saved_stages, list) and len(now["stages"]) > len(saved_stages):
+        now["stages"] = now["stages"][: len(saved_stages)]
+    changed = changed_fields(before, now)
     if not changed:
         return
     fields = ", ".join(changed)
