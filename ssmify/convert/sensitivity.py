@@ -140,9 +140,8 @@ def layer_scores(
         else None
     )
     log.info("layer scores (%s): seeding a mixer in every layer of the teacher", ", ".join(metrics))
-    calibration = calibration_windows(teacher, tokenizer, read_calibration_text(None))[
-        0::2
-    ]  # what convert calibrates on
+    # The mixers are calibrated as convert calibrates them by default: on the built-in text's even windows.
+    calibration = calibration_windows(teacher, tokenizer, read_calibration_text(None))[0::2]
     no_attention = LayerPlan.from_args(teacher.config.num_hidden_layers, None, 0.0)
     every_layer = seeded_student(teacher, no_attention, mixer, "seeded", calibration, seed=seed)
     teacher_blocks = adapter.decoder_layers(teacher)
