@@ -60,19 +60,15 @@ def retrieval_scores(model, tokenizer, options) -> dict:
 
 def retention(student: dict, teacher: dict) -> dict:
     """Retention per task and length, per length over the tasks, and overall (teacher >= 50% points only)."""
-    from ssmify.eval.retrieval import add_retention, summarize
+    from ssmify.eval.retrieval import against_teacher, summarize
 
-    merged = {
-        task: {
-            "points": [
-                add_retention(
-                    {"length": n, "accuracy": student[task][n], "teacher_accuracy": teacher[task][n]}
-                )
-                for n in teacher[task]
-            ]
+    def as_points(scores: dict) -> dict:
+        return {
+            task: {"points": [{"length": n, "accuracy": a} for n, a in acc.items()]}
+            for task, acc in scores.items()
         }
-        for task in teacher
-    }
+
+    merged = against_teacher(as_points(student), as_points(teacher))
     summary = summarize(merged)
     return {
         "by_task": {task: {p["length"]: p["retention"] for p in merged[task]["points"]} for task in merged},

@@ -19,7 +19,7 @@ from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
 from ssmify.eval.data import load_data
 from ssmify.eval.options import EvalOptions
-from ssmify.eval.retrieval import add_retention, summarize
+from ssmify.eval.retrieval import against_teacher, summarize
 from ssmify.eval.tasks import run_tasks
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,7 @@ def retrieval_rows(results: dict[str, dict]) -> dict[str, dict]:
         return {}
     rows = {}
     for name, result in results.items():
-        merged = {}
-        for task in RETRIEVAL:
-            reference = {p["length"]: p["accuracy"] for p in teacher[task]["points"]}
-            points = [
-                add_retention({**p, "teacher_accuracy": reference[p["length"]]})
-                for p in result[task]["points"]
-            ]
-            merged[task] = {"points": points}
+        merged = against_teacher(result, teacher)
         summary = summarize(merged)
         rows[name] = {
             "accuracy": {

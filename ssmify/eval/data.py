@@ -34,17 +34,21 @@ class EvalData:
 def check_files(paths: list[str]) -> None:
     """Fail early, before any model loads, on a data file that is missing, of an unknown type, or not UTF-8."""
     for path in map(Path, paths):
-        if not path.is_file():
-            raise SsmifyError(f"{path}: data file not found")
-        if path.suffix not in SUFFIXES:
-            raise SsmifyError(
-                f"{path}: unsupported data file type; use .txt or .jsonl (one {{'text': ...}} a line)"
-            )
+        _check_path(path)
         check_utf8(path)
 
 
+def _check_path(path: Path) -> None:
+    if not path.is_file():
+        raise SsmifyError(f"{path}: data file not found")
+    if path.suffix not in SUFFIXES:
+        raise SsmifyError(
+            f"{path}: unsupported data file type; use .txt or .jsonl (one {{'text': ...}} a line)"
+        )
+
+
 def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
-    """Refuse a file that is not UTF-8 text, naming the offset of its first bad byte."""
+    """Refuse a file that is not UTF-8 text, naming the offset of its first bad byte (without reading it whole)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with path.open("rb") as f:
@@ -64,8 +68,12 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
 def read_documents(path: str | Path) -> list[str]:
     """A .txt file is one document; a .jsonl file holds one document a line, in the string field "text"."""
     path = Path(path)
-    check_files([str(path)])
-    text = path.read_text(encoding="utf-8")
+    _check_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        check_utf8(path)  # raises, naming the offset of the first bad byte
+        raise
     if path.suffix == ".txt":
         return [text]
     documents = []
@@ -121,7 +129,6 @@ def load_data(
         return EvalData(tokenizer)
     if tokenizer is None:
         raise SsmifyError("scoring text needs a tokenizer, but the model folder has none; save one beside it")
-    check_files(paths)
     documents = [doc for path in paths for doc in read_documents(path)]
     windows = make_windows(token_stream(tokenizer, documents, max_tokens), seq_len)
     log.info("data: %d windows of %d tokens from %d file(s)", *windows.shape, len(paths))

@@ -65,6 +65,18 @@ def add_retention(point: dict) -> dict:
     return point
 
 
+def against_teacher(results: dict, teacher: dict) -> dict:
+    """Retrieval results scored without a teacher, given the teacher's accuracy and the retention at each
+    point, from the teacher's own results on the same samples: {task: {"points": [...]}}."""
+    merged = {}
+    for task in RETRIEVAL_TASKS:
+        if task in results and task in teacher:
+            reference = {p["length"]: p["accuracy"] for p in teacher[task]["points"]}
+            points = [{**p, "teacher_accuracy": reference[p["length"]]} for p in results[task]["points"]]
+            merged[task] = {"points": [add_retention(p) for p in points]}
+    return merged
+
+
 def summarize(results: dict) -> dict | None:
     """Overall retention over the retrieval tasks in `results`: per length and over every length.
 
