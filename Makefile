@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo lint clean
+.PHONY: install test fuzz demo lint clean
 
 install: $(STAMP)
 
@@ -16,11 +16,16 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,demo,eval]'
+	$(BIN)/python -m pip install -q -e '.[dev,demo,eval,track]'
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The long fuzz run: FUZZ_EXAMPLES random recipes or argument lists per fuzz test (CI runs a fixed 80).
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	SSMIFY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider --hypothesis-show-statistics
 
 demo: install
 	$(BIN)/ssmify demo

@@ -13,12 +13,22 @@ import importlib
 import logging
 import os
 import sys
+import typing
 
-from ssmify.errors import SsmifyError
+from ssmify.errors import SsmifyError, one_line
 from ssmify.version import version
 
 SUBCOMMANDS = ("convert", "distill", "eval", "export", "demo")
 QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with its error kept to one line when it quotes an argument holding line breaks.
+
+    Subparsers are of the same class (argparse makes them with the parent's type)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        super().error(one_line(message))
 
 
 def add_verbosity(parser: argparse.ArgumentParser, default: int | str) -> None:
@@ -45,7 +55,7 @@ def add_verbosity(parser: argparse.ArgumentParser, default: int | str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssmify", description=__doc__.splitlines()[0])
+    parser = Parser(prog="ssmify", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ssmify {version()}")
     add_verbosity(parser, NORMAL)
     sub = parser.add_subparsers(dest="command", required=True)

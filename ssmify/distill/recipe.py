@@ -241,12 +241,25 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a recipe given as a plain dict; errors name `source` and the dotted path of each bad key."""
+    check_no_nul(raw, source)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise SsmifyError(f"{source}: {format_validation_error(err, raw)}") from None
     check_recipe(recipe, source)
     return recipe
+
+
+def check_no_nul(node: Any, source: str, path: str = "") -> None:
+    """Refuse a NUL character in any key or text value: no path or name can hold one (os calls raise)."""
+    if isinstance(node, str) and "\x00" in node:
+        raise SsmifyError(f"{source}: {path or '(top level)'}: the text holds a NUL character (\\0)")
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and "\x00" in key:
+            raise SsmifyError(f"{source}: {where!r}: the key holds a NUL character (\\0)")
+        check_no_nul(value, source, where)
 
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
