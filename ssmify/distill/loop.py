@@ -12,7 +12,6 @@ same data. The teacher runs under no_grad in its own dtype, outside everything a
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import time
@@ -43,6 +42,7 @@ from ssmify.distill.recipe import Recipe, Stage, stage_dir_name, stage_seq_len
 from ssmify.distill.schedules import lr_factor
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import load_student, save_student
+from ssmify.distill.tracking import flush_trackers, make_trackers, project_name
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
@@ -109,10 +109,8 @@ class StageContext:
 
 
 def make_accelerator(recipe: Recipe, plan: StagePlan) -> Accelerator:
-    """One Accelerator per stage, since accumulation differs between stages."""
-    for tracker in recipe.trackers:
-        if importlib.util.find_spec(tracker) is None:
-            raise SsmifyError(f"trackers: {tracker} is not installed (pip install {tracker}), or remove it")
+    """One Accelerator per stage, since accumulation differs between stages; it logs to the stage's trackers."""
+    trackers = make_trackers(recipe, plan.index, distributed_state().is_main_process)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=plan.stage.name == "matrix")]
     project = ProjectConfiguration(
         project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
@@ -120,7 +118,7 @@ def make_accelerator(recipe: Recipe, plan: StagePlan) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=plan.accumulation,
         mixed_precision=recipe.mixed_precision,
-        log_with=list(recipe.trackers) or None,
+        log_with=trackers or None,
         project_config=project,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
@@ -159,6 +157,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def train_stage(ctx: StageContext, resume: bool) -> dict:
     """Run one stage to the end (or from its newest checkpoint), save its student, and return its summary."""
     recipe, stage = ctx.recipe, ctx.stage
+    tracking = bool(recipe.tracking.report_to)
     stage_start = time.perf_counter()
     plan = plan_stage(recipe, ctx.index, distributed_state().num_processes)
     accelerator = make_accelerator(recipe, plan)
@@ -189,8 +188,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         )
 
     earlier_seconds = progress["seconds"]
-    if recipe.trackers:
-        accelerator.init_trackers(ctx.stage_dir.name, config={"lr": stage.lr, "tokens": stage.tokens})
+    if tracking:
+        accelerator.init_trackers(project_name(recipe), config={"lr": stage.lr, "tokens": stage.tokens})
     bar = tqdm(
         total=plan.steps, initial=progress["step"], desc=ctx.stage_dir.name, unit="step", disable=not main
     )
@@ -222,18 +221,19 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-        if recipe.trackers and done % stage.log_every == 0:
+        if tracking and done % stage.log_every == 0:
             accelerator.log(
                 {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
             )
         if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
             val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
             progress["val_losses"].append([done, val])
-            if recipe.trackers:
+            if tracking:
                 accelerator.log({"val_loss": val}, step=done)
         if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
             progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
             save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
+            flush_trackers(accelerator.trackers)  # what a resume continues from is logged on disk too
     bar.close()
 
     val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
@@ -263,7 +263,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         earlier = distillation_history(ctx.start_dir)
         write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
         write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
-        if recipe.trackers:
+        if tracking:
             accelerator.log({"val_loss": val}, step=plan.steps)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:

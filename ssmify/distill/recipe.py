@@ -183,6 +183,21 @@ class Stage(StrictModel):
     log_every: int = Field(1, ge=1)
 
 
+TrackerName = Literal["tensorboard", "wandb"]
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking: where the stages' loss, lr and validation loss go (`ssmify.distill.tracking`).
+
+    Each stage is one run. project defaults to the name of output_dir; run_name, when given, prefixes each
+    stage's run, else the run is the stage folder's name (1-matrix, ...)."""
+
+    report_to: list[TrackerName] = []
+    project: str | None = Field(None, min_length=1)
+    run_name: str | None = Field(None, min_length=1)
+    tags: list[str] = []
+
+
 class Recipe(StrictModel):
     """A whole distillation run: teacher -> student through the listed stages."""
 
@@ -196,7 +211,15 @@ class Recipe(StrictModel):
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     keep_checkpoints: int = Field(2, ge=1)
-    trackers: list[Literal["tensorboard", "wandb"]] = []
+    tracking: TrackingConfig = TrackingConfig()
+    trackers: list[TrackerName] | None = Field(None, exclude=True)  # the old form of tracking.report_to
+
+    @model_validator(mode="after")
+    def _old_trackers_key(self) -> Recipe:
+        """`trackers: [...]` still works: it becomes tracking.report_to (check_recipe refuses both at once)."""
+        if self.trackers is not None and not self.tracking.report_to:
+            self.tracking.report_to = list(self.trackers)
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -264,6 +287,10 @@ def check_no_nul(node: Any, source: str, path: str = "") -> None:
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
     """Checks that need more than one field: they say which field to change."""
+    if recipe.trackers is not None and recipe.trackers != recipe.tracking.report_to:
+        raise SsmifyError(
+            f"{source}: trackers: the old form of tracking.report_to; give the trackers only in the tracking block"
+        )
     for i, stage in enumerate(recipe.stages):
         where = f"{source}: stages.{i}"
         if stage.tokens < stage.global_batch_tokens:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
+from pydantic import ValidationError
 from torch import nn
 
 from ssmify.atomic import write_text_atomic
@@ -31,6 +32,7 @@ from ssmify.distill.loop import SUMMARY_FILE, StageContext, plan_stage, train_st
 from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import check_vocabulary
+from ssmify.distill.tracking import check_installed
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> lis
     if out.exists() and not out.is_dir():
         raise SsmifyError(f"output_dir {out}: exists and is not a folder; choose a folder path")
     check_data_files(recipe.data)
+    check_installed(recipe)
     for index in range(len(recipe.stages)):
         plan_stage(recipe, index, state.num_processes)
     stage_dirs = [out / stage_dir_name(i, s) for i, s in enumerate(recipe.stages)]
@@ -111,7 +114,7 @@ def check_same_recipe(recipe: Recipe, path: Path, force: bool) -> None:
     prefix of the new list)."""
     if not path.is_file():
         return
-    before = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    before = saved_recipe(path)
     now = recipe.model_dump(mode="json")
     saved_stages = before.get("stages")
     if isinstance(saved_stages, list) and len(now["stages"]) > len(saved_stages):
@@ -126,6 +129,15 @@ def check_same_recipe(recipe: Recipe, path: Path, force: bool) -> None:
             "pass --force to resume with it anyway, or choose another output_dir"
         )
     logger.warning("--force: resuming with a recipe that differs from %s in %s", path, fields)
+
+
+def saved_recipe(path: Path) -> Any:
+    """The recipe a run saved, as this version dumps it (an older run's `trackers:` is tracking.report_to now)."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return Recipe.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return raw
 
 
 def changed_fields(before: Any, now: Any, prefix: str = "") -> list[str]:
