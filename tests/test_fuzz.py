@@ -79,16 +79,18 @@ HEAVY_STEPS = (
 )
 
 # Text with odd Unicode (combining marks, right-to-left, line and paragraph separators, emoji, NUL,
-# lone surrogates as a non-UTF-8 argv decodes to), but never a path separator: no example may
-# reach outside its scratch folder.
+# and in arguments the lone surrogates a non-UTF-8 argv decodes to), but never a path separator: no
+# example may reach outside its scratch folder.
 ODD = "\x00\t\n\r\x0b\x0c\x1c\x85\u00a0\u0301\u200b\u200e\u2028\u2029\u202e\ufeff\U0001f600é中"
 odd_text = st.text(
     alphabet=st.characters(exclude_characters="/\\", exclude_categories=("Cs",)) | st.sampled_from(ODD),
     max_size=40,
 )
-# An argument: no NUL (argv cannot hold one), but lone surrogates, as Python decodes non-UTF-8 argv bytes.
+# An argument: no NUL (argv cannot hold one), but lone surrogates: how Python decodes non-UTF-8 argv bytes.
+lone_surrogates = st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF, categories=["Cs"])
 argv_text = st.text(
-    alphabet=st.characters(exclude_characters="/\\\x00") | st.sampled_from(ODD[1:]), max_size=40
+    alphabet=st.characters(exclude_characters="/\\\x00") | st.sampled_from(ODD[1:]) | lone_surrogates,
+    max_size=40,
 )
 huge_text = st.sampled_from([1_000, 10_000, 100_000]).map(lambda n: "x" * n)
 numbers = st.one_of(
