@@ -85,6 +85,15 @@ def setup_logging(level: int) -> None:
     )
 
 
+def describe_os_error(err: OSError, longest: int = 120) -> str:
+    """One line for an OS error about a path (name too long, no permission, read-only, disk full, ...):
+    the path, shortened when it is longer than `longest` characters, and the OS's reason."""
+    name = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes)) else str(err.filename)
+    if len(name) > longest:
+        name = f"{name[: longest // 2]}... ({len(name)} characters)"
+    return one_line(f"{name}: {err.strerror or err}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -96,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except SsmifyError as err:
         print(f"ssmify: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:
+            raise  # not about a path the user gave: a bug, with its traceback
+        logging.getLogger(__name__).debug("the OS error in full", exc_info=True)
+        print(f"ssmify: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssmify: interrupted", file=sys.stderr)

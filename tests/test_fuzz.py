@@ -22,6 +22,7 @@ import copy
 import importlib
 import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,15 +279,14 @@ def test_mutated_recipes_load_or_fail_with_one_line(scratch, text, overrides):
             assert isinstance(recipe, Recipe)
 
 
-def with_nul_in_output_dir() -> bytes:
-    """A shipped recipe whose output_dir holds a NUL (YAML writes it "\\0"): os.mkdir raised ValueError."""
-    raw = copy.deepcopy(BASES[0])
-    raw["output_dir"] = "out\x00"
-    return yaml.safe_dump(raw).encode()
+def with_output_dir(name: str) -> bytes:
+    """A shipped recipe with this output_dir."""
+    return yaml.safe_dump({**BASES[0], "output_dir": name}).encode()
 
 
 @PROFILE
-@example(text=with_nul_in_output_dir(), overrides=[], flags=[])
+@example(text=with_output_dir("out\x00"), overrides=[], flags=[])  # was a ValueError from os.mkdir
+@example(text=with_output_dir("x" * 10_000), overrides=[], flags=[])  # was an OSError: name too long
 @given(
     text=recipe_bytes(),
     overrides=override_strings(ALL_RECIPE_PATHS),
@@ -307,7 +307,8 @@ SUBPARSERS = {
 }
 
 # Values a flag or positional may get: sensible ones (paths that exist here, numbers, the choices)
-# and junk. "teacher" and "student" are real tiny model folders: convert and export reach their model checks.
+# and junk. "teacher" and "student" are real tiny model folders: convert and export reach their model checks;
+# "x" * 300 is a name longer than the OS allows.
 PATHS = [
     "recipe.yaml",
     "teacher",
@@ -437,3 +438,18 @@ def test_messages_that_quote_line_breaks_stay_one_line(scratch):
             code, stderr = run_cli(list(argv))
             assert code == 2 and stderr.splitlines()[-1].startswith(message), stderr
             check_lines(list(argv), stderr)
+
+
+def test_a_path_the_os_cannot_use_is_one_line(scratch):
+    """What the long fuzz run found: a name longer than the OS allows raised OSError from every command."""
+    with inside(scratch):
+        for argv in (
+            ["convert", "teacher", "--out", "x" * 300],
+            ["distill", "x" * 300],
+            ["demo", "--out", "x" * 300],
+        ):
+            code, stderr = run_cli(argv)
+            assert code == 2, stderr
+            assert stderr.splitlines() == [
+                f"ssmify: error: {'x' * 60}... (300 characters): File name too long"
+            ]
