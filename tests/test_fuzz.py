@@ -450,6 +450,5 @@ def test_a_path_the_os_cannot_use_is_one_line(scratch):
         ):
             code, stderr = run_cli(argv)
             assert code == 2, stderr
-            assert stderr.splitlines() == [
-                f"ssmify: error: {'x' * 60}... (300 characters): File name too long"
-            ]
+            [line] = stderr.splitlines()  # the path shortened (the demo names a file inside it)
+            assert re.fullmatch(r"ssmify: error: x{60}\.\.\. \(3\d\d characters\): File name too long", line)
