@@ -162,3 +162,29 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
     assert math.isfinite(run["perplexity"]) and run["perplexity"] > 1
     assert name in stdout and "overall" in stdout
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
+
+
+def test_lora_bench_compares_full_fine_tuning_with_two_ranks_from_one_start(workspace: Path):
+    out = workspace / "lora"
+    stdout = run_script(
+        "lora.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out), "--report", str(out / "report")),
+    )
+    results = json.loads((out / "report.json").read_text())
+    assert results == json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert list(runs) == ["full", "lora-r8", "lora-r32"]
+    assert {run["training_tokens"] for run in runs.values()} == {results["tokens"]}
+    full, r8, r32 = (runs[name]["trainable_parameters"] for name in runs)
+    assert 0 < r8 < r32 and r8 < full
+    for run in [results["start"], *runs.values()]:
+        assert math.isfinite(run["perplexity_ratio"]) and run["perplexity_ratio"] > 0
+        assert set(run["retention_by_length"]) == {"128"}
+    for run in runs.values():
+        assert run["peak_rss_mib"] > 100 and run["tokens_per_s"] > 0
+    table = (out / "report.txt").read_text()
+    assert table.strip() in stdout
+    for name, run in runs.items():
+        assert f"{name:<9} | {run['trainable_parameters']:>11,} | {run['perplexity_ratio']:>6.3f}" in table
+    assert not list(out.rglob("1-logits"))  # each config's student is removed once scored
