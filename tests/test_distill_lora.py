@@ -282,6 +282,10 @@ def test_bad_lora_settings_stop_with_one_line_naming_the_field(workspace, tmp_pa
             [stage("logits", trainable=lora(target_modules="model\\.nothing.*"))],
             "stages.0.trainable.lora.target_modules: 'model\\\\.nothing.*' matches no Linear layer",
         ),
+        "tied-head": (  # the workspace's teacher ties lm_head to the input embeddings
+            [stage("logits", trainable=lora(target_modules=["q_proj"], modules_to_save=["embed_tokens"]))],
+            "stages.0.trainable.lora.modules_to_save: model.embed_tokens shares its weight with the output head",
+        ),
         "later-stage": (  # a bad second stage stops the run before the first one trains
             [stage("hidden"), stage("hidden", trainable=lora(target_modules=["q_proj"]))],
             "stages.1.trainable.lora.target_modules: 'q_proj' matches no Linear layer in the converted blocks",

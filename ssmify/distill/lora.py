@@ -115,10 +115,26 @@ def resolve_targets(
     return found
 
 
+def check_untied(student: nn.Module, names: list[str], where: str) -> None:
+    """Refuse an adapter on, or a trained copy of, an embedding that the output head shares: the saved
+    student would tie them again and lose the change (or, merged, apply it to both)."""
+    if not getattr(student.config, "tie_word_embeddings", False):
+        return
+    tied = {id(student.get_input_embeddings()), id(student.get_output_embeddings())}
+    for name in names:
+        if id(student.get_submodule(name)) in tied:
+            raise SsmifyError(
+                f"{where}: {name} shares its weight with the "
+                f"{'input embeddings' if name.endswith('lm_head') else 'output head'} (tie_word_embeddings); "
+                "leave it out"
+            )
+
+
 def plan_lora(student: nn.Module, options: LoraOptions, stage_name: str, where: str) -> LoraPlan:
     """Resolve a stage's LoRA settings against the student (a real or a meta-device one)."""
     scope = converted_block_paths(student) if stage_name == "hidden" else None
     targets = resolve_targets(student, options, scope, f"{where}.lora")
+    check_untied(student, targets, f"{where}.lora.target_modules")
     mixers = mixer_paths(student)
     names = options.modules_to_save
     if names is None:
@@ -146,6 +162,7 @@ def plan_lora(student: nn.Module, options: LoraOptions, stage_name: str, where: 
                     "a module is either adapted or trained fully"
                 )
         saved.extend(found)
+    check_untied(student, saved, f"{where}.lora.modules_to_save")
     extras = mixer_extra_names(student) if MIXER_EXTRAS in names else []
     return LoraPlan(targets, saved, extras)
 
@@ -153,6 +170,7 @@ def plan_lora(student: nn.Module, options: LoraOptions, stage_name: str, where: 
 def apply_lora(student: nn.Module, options: LoraOptions, stage_name: str, where: str) -> nn.Module:
     """Wrap `student` in a peft model with the stage's adapters, modules to save and mixer extras trainable."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils import ModulesToSaveWrapper
 
     plan = plan_lora(student, options, stage_name, where)
     config = LoraConfig(
@@ -163,6 +181,9 @@ def apply_lora(student: nn.Module, options: LoraOptions, stage_name: str, where:
         modules_to_save=plan.modules_to_save or None,
     )
     model = get_peft_model(student, config)
+    wrapped = sorted(n for n, m in student.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    if wrapped != sorted(plan.modules_to_save):
+        raise SsmifyError(f"{where}.lora.modules_to_save: peft wrapped {wrapped}, not {plan.modules_to_save}")
     for name in plan.extras:
         student.get_parameter(name).requires_grad_(True)
     return model
