@@ -183,6 +183,7 @@ def test_lora_bench_compares_full_fine_tuning_with_two_ranks_from_one_start(work
         assert set(run["retention_by_length"]) == {"128"}
     for run in runs.values():
         assert run["peak_rss_mib"] > 100 and run["tokens_per_s"] > 0
+        assert run["state_mib"] == pytest.approx(run["trainable_parameters"] * 12 / 2**20, abs=0.05)
     table = (out / "report.txt").read_text()
     assert table.strip() in stdout
     for name, run in runs.items():

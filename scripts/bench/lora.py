@@ -15,8 +15,11 @@ Per config:
 - retrieval retention: student / teacher accuracy on the same induction and passkey samples at --lengths
   (`ssmify.eval.retrieval` through scripts/bench/retrieval.py's helpers; overall over the points the
   teacher passes);
-- peak training memory: ru_maxrss of the distill process (os.wait4), which also holds the teacher, the
-  data and the student, so the differences between configs are what training adds (gradients, AdamW);
+- peak training memory: ru_maxrss of the distill process (os.wait4). It also holds the teacher, the data
+  and the student, and the allocator reuses freed activation memory for gradients and AdamW state, so on
+  CPU the one-step activations (logits over a 49k vocabulary) can hide what training state adds. Hence
+  also `state_mib`, the training state itself: fp32 gradient + AdamW's two moments, 12 bytes per
+  trainable parameter;
 - tokens/s: the stage summary's training tokens / stage wall time (two validations and the save included);
 - trainable parameters: the stage summary's count.
 
@@ -49,6 +52,7 @@ from retrieval import retention, retrieval_scores
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "lolcats-style-smollm2.yaml"
 CONFIGS = ("full", "lora-r8", "lora-r32")
+STATE_BYTES = 12  # per trainable fp32 parameter: its gradient and AdamW's exp_avg and exp_avg_sq
 
 
 def config_trainable(name: str, lora: dict) -> str | dict:
@@ -94,13 +98,14 @@ def table(results: dict) -> str:
     ]
     header = (
         f"{'config':<9} | {'trainable':>11} | {'ppl x':>6} | {'retention':>9} | "
-        f"{'peak RSS MiB':>12} | {'tok/s':>7} | {'lr':>7}"
+        f"{'peak RSS MiB':>12} | {'state MiB':>9} | {'tok/s':>7} | {'lr':>7}"
     )
     lines += [header, "-" * len(header)]
     for name, run in results["runs"].items():
         lines.append(
             f"{name:<9} | {run['trainable_parameters']:>11,} | {run['perplexity_ratio']:>6.3f} | "
-            f"{fmt(run['retention']):>9} | {run['peak_rss_mib']:>12,} | {run['tokens_per_s']:>7.1f} | {run['lr']:>7.1e}"
+            f"{fmt(run['retention']):>9} | {run['peak_rss_mib']:>12,} | {run['state_mib']:>9,.1f} | "
+            f"{run['tokens_per_s']:>7.1f} | {run['lr']:>7.1e}"
         )
     return "\n".join(lines)
 
@@ -269,6 +274,7 @@ def main() -> None:
             "training_tokens": summary["tokens"],
             "tokens_per_s": summary["tokens_per_s"],
             "peak_rss_mib": peak,
+            "state_mib": round(summary["trainable_parameters"] * STATE_BYTES / 2**20, 1),
             "process_seconds": round(time.perf_counter() - began, 1),
             **score(run_dir / "1-logits"),
         }
