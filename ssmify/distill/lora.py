@@ -111,7 +111,11 @@ def resolve_targets(
                 )
         found = [n for n in linears if any(_matches(n, p) for p in targets)]
     if not found:
-        raise SsmifyError(f"{where}.target_modules: {targets!r} matches no Linear layer in {place}")
+        hint = " (a string is a regular expression over whole dotted paths; list names as [a, b])"
+        raise SsmifyError(
+            f"{where}.target_modules: {targets!r} matches no Linear layer in {place}"
+            + (hint if isinstance(targets, str) else "")
+        )
     return found
 
 
