@@ -4,16 +4,39 @@ and a student with it converts, distils, resumes and generates."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM
 from transformers.models.olmo_hybrid.modeling_olmo_hybrid import (
     torch_chunk_gated_delta_rule,
     torch_recurrent_gated_delta_rule,
 )
 
+import ssmify
+from ssmify.cli import main
+from ssmify.convert import mixer_layers
+from ssmify.convert.adapters import get_adapter
+from ssmify.convert.probes import teacher_attention
+from ssmify.convert.seed import (
+    BETA_GRID,
+    DECAY_GRID,
+    calibrate_mixer,
+    head_rms,
+    mixer_head_outputs,
+    set_beta,
+    teacher_head_outputs,
+)
+from ssmify.convert.student import MixerCacheLayer, register
+from ssmify.distill.objectives.logits import LogitsObjective
+from ssmify.distill.recipe import parse_recipe
+from ssmify.distill.run import run_recipe
 from ssmify.errors import SsmifyError
 from ssmify.mixers import GatedDeltaNet, GatedDeltaNetConfig
 
@@ -188,11 +211,8 @@ def test_bad_mixer_config_is_a_one_line_error_naming_the_field(options, field):
     assert str(err.value).startswith(field) and "\n" not in str(err.value)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(kernels="fla")
 def test_fla_kernels_match_pytorch_reference():
-    pytest.importorskip("fla")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     mixer = make_mixer(chunk_size=64).float()
     u = torch.randn(2, 200, D_MODEL)
     ref = mixer(u)
@@ -205,3 +225,237 @@ def test_fla_kernels_match_pytorch_reference():
     torch.testing.assert_close(gpu(u[:, :150], state).cpu(), ref_prefill, atol=1e-3, rtol=1e-3)
     steps = torch.cat([gpu.step(u[:, t : t + 1], state) for t in range(150, 200)], 1)
     torch.testing.assert_close(steps.cpu(), ref_steps, atol=1e-3, rtol=1e-3)
+
+
+# --- seeding ------------------------------------------------------------------------------------
+
+
+def teacher_qkv(teacher, layer: int, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher layer's attention input and its per-head q, k, v before RoPE (after q/k norms), KV heads
+    repeated: read off its own modules with hooks."""
+    attn = teacher.model.layers[layer].self_attn
+    seen: dict[str, torch.Tensor] = {}
+    sources = {
+        "u": attn,
+        "q": getattr(attn, "q_norm", attn.q_proj),
+        "k": getattr(attn, "k_norm", attn.k_proj),
+    }
+    sources["v"] = attn.v_proj
+    handles = [
+        attn.register_forward_pre_hook(lambda m, a, kw: seen.update(u=kw["hidden_states"]), with_kwargs=True)
+    ]
+    for name in "qkv":
+        handles.append(
+            sources[name].register_forward_hook(lambda m, a, out, name=name: seen.update({name: out}))
+        )
+    try:
+        with torch.no_grad():
+            teacher(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    d = teacher.config.head_dim if getattr(teacher.config, "head_dim", None) else 16
+    heads, kv = teacher.config.num_attention_heads, teacher.config.num_key_value_heads
+    b, L = ids.shape
+    out = {"u": seen["u"]}
+    for name in "qkv":
+        t = seen[name].reshape(b, L, -1, d)
+        out[name] = t.repeat_interleave(heads // kv, 2) if t.shape[2] == kv else t
+    return out
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {"attention_bias": True}), ("qwen3", {})])
+def test_seeded_gated_deltanet_with_unit_decay_and_vanishing_beta_is_the_teachers_linear_attention(
+    family, overrides
+):
+    """The seeding identity. With the conv bypassed, decay 1 and beta -> 0, the core output over beta is
+    sum_{s<=t} (q_t . k_s / sqrt(d)) v_s on the teacher's own l2-normalised q, k and its v; out_proj is W_O."""
+    from ssmify.mixers.gated_deltanet import delta_chunked
+
+    teacher = tiny_model(family, **overrides).double()
+    student = ssmify.convert(teacher, keep_attention=0.0, mixer="gated_deltanet")
+    layer = 1
+    m = mixer_layers(student)[layer]
+    ids = torch.randint(3, 120, (2, 19))
+    seen = teacher_qkv(teacher, layer, ids)
+    with torch.no_grad():
+        q, k, v = m.split_qkv(m.qkv(seen["u"]))  # no conv
+        beta = torch.full(q.shape[:3], 1e-7, dtype=q.dtype)
+        core, _ = delta_chunked(q, k, v, torch.zeros_like(beta), beta, chunk_size=8)
+    d = q.shape[-1]
+    unit = lambda t: t / torch.sqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6)  # noqa: E731
+    scores = torch.einsum("bthd,bshd->bhts", unit(seen["q"]), unit(seen["k"])).tril() / math.sqrt(d)
+    linear = torch.einsum("bhts,bshd->bthd", scores, seen["v"])
+    torch.testing.assert_close(core / 1e-7, linear, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.v_proj(seen["u"]).unflatten(-1, (-1, d)), seen["v"])
+    attn = teacher.model.layers[layer].self_attn
+    assert torch.equal(m.out_proj.weight, attn.o_proj.weight)
+    assert torch.equal(m.a_proj.weight, torch.zeros_like(m.a_proj.weight))  # decay independent of the input
+    assert torch.equal(m.b_proj.weight, torch.zeros_like(m.b_proj.weight))  # beta too
+    with torch.no_grad():
+        x = torch.randn(2, 5, m.conv_dim, dtype=torch.float64)
+        torch.testing.assert_close(m.conv(x), F.silu(x))  # the conv is the identity (then SiLU)
+        torch.testing.assert_close(F.silu(m.g_proj(seen["u"])), torch.ones_like(m.g_proj(seen["u"])))
+
+
+def test_calibration_picks_decay_then_beta_from_the_grids_and_matches_each_heads_output_scale():
+
+    teacher = tiny_model("llama")
+    student = ssmify.convert(teacher, keep_attention=0.0, mixer="gated_deltanet")
+    adapter = get_adapter("llama")
+    weights = adapter.read_attention(adapter.decoder_layers(teacher)[2].self_attn)
+    m = mixer_layers(student)[2]
+    ids = torch.randint(3, 120, (2, 64))
+    with torch.no_grad():
+        probe = teacher_attention(teacher, ids, [2])[2]
+        target = teacher_head_outputs(weights, probe.inputs, probe.probs)
+        chosen = calibrate_mixer(m, probe.inputs, target)
+        out = mixer_head_outputs(m, probe.inputs)
+
+        def cosines(outputs):
+            a, b = outputs.unflatten(-1, (4, -1)), target.unflatten(-1, (4, -1))
+            return (a * b).sum((0, 1, 3)) / (a.square().sum((0, 1, 3)) * b.square().sum((0, 1, 3))).sqrt()
+
+        best = cosines(out)
+        for beta in BETA_GRID:  # no beta on the grid points any head closer, at the chosen decay
+            trial = copy.deepcopy(m)
+            set_beta(trial, beta.expand(4))
+            assert torch.all(cosines(mixer_head_outputs(trial, probe.inputs)) <= best + 1e-6)
+        _, beta_now = m.gates(probe.inputs)
+    torch.testing.assert_close(beta_now[0, 0], chosen["beta"].to(beta_now.dtype), rtol=1e-5, atol=0)
+    torch.testing.assert_close(head_rms(out, 4), head_rms(target, 4), rtol=1e-4, atol=0)
+    assert set(chosen["decay"].tolist()) <= set(DECAY_GRID.tolist())
+    assert set(chosen["beta"].tolist()) <= set(BETA_GRID.tolist())
+
+
+# --- a student with it ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_student_generates_the_same_with_and_without_cache_and_left_padded(keep):
+
+    student = ssmify.convert(tiny_model("llama"), keep_attention=keep, mixer="gated_deltanet")
+    ids = torch.randint(3, 120, (2, 11))
+    settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = student.generate(ids, use_cache=True, **settings)
+        uncached = student.generate(ids, use_cache=False, **settings)
+        long, short = torch.randint(3, 120, (1, 12)), torch.randint(3, 120, (1, 7))
+        batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :5] = 0
+        together = student.generate(batch, attention_mask=mask, **settings)
+        alone = [student.generate(p, **settings)[0, p.shape[1] :] for p in (long, short)]
+        cache = student(ids, use_cache=True).cache
+    assert cached.shape == (2, 23) and torch.equal(cached, uncached)
+    assert torch.equal(together[0, 12:], alone[0]) and torch.equal(together[1, 12:], alone[1])
+    slots = [layer for layer in cache.layers if isinstance(layer, MixerCacheLayer)]
+    assert len(slots) == round(4 * (1 - keep)) and slots[0].state.ssm.shape == (2, 4, 16, 16)
+
+
+def test_saved_student_loads_with_its_settings_and_identical_logits(tmp_path):
+
+    student = ssmify.convert(
+        tiny_model("llama"),
+        out=tmp_path / "s",
+        keep_attention=0.5,
+        mixer="gated_deltanet",
+        mixer_options={"allow_neg_eigval": True, "d_conv": 3},
+    )
+    register()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    mixer = next(iter(mixer_layers(loaded).values()))
+    assert isinstance(mixer, GatedDeltaNet) and mixer.config.allow_neg_eigval and mixer.config.d_conv == 3
+    ids = torch.randint(3, 120, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=1e-5, atol=1e-5)
+    # seeding's betas are reached through 2 sigmoid(b) when negative eigenvalues are allowed
+    _, beta = mixer.gates(torch.zeros(1, 1, 64))
+    assert torch.all(beta < 1) and torch.all(beta > 0)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--mixer", "gated_deltanet", "--mixer-option", "allow_neg_eigval=maybe"],
+            "allow_neg_eigval: must be true or false",
+        ),
+        (
+            ["--mixer", "gated_deltanet", "--mixer-option", "d_conv=0"],
+            "d_conv: must be an integer from 1 to 16",
+        ),
+        (
+            ["--mixer", "mamba2", "--mixer-option", "allow_neg_eigval=true"],
+            "mamba2 has no option 'allow_neg_eigval'",
+        ),
+        (["--mixer", "gated_deltanet", "--mixer-option", "heads"], "'heads' is not KEY=VALUE"),
+        (["--mixer", "gated_delta"], "'gated_delta' is not a mixer"),
+    ],
+)
+def test_bad_mixer_options_are_one_line_errors_and_write_nothing(args, expected, tmp_path, capsys):
+
+    teacher = write_teacher(tmp_path / "teacher")
+    capsys.readouterr()
+    code = main(["convert", str(teacher), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_tiny_student_distils_through_three_stages_resumes_generates_and_evaluates(
+    tmp_path, monkeypatch, capsys
+):
+
+    write_teacher(tmp_path / "teacher")
+    convert_student(tmp_path / "teacher", tmp_path / "student", mixer="gated_deltanet")
+    write_corpus(tmp_path / "train.txt", 60, seed=0)
+    write_corpus(tmp_path / "held.txt", 8, seed=1)
+    stages = [stage("matrix", seq_len=16, tokens=256), stage("hidden", lr=1e-3), stage("logits", lr=1e-3)]
+
+    calls = {"n": 0}
+    forward = LogitsObjective.forward
+
+    def interrupted(self, input_ids, targets):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 7:  # step 4's first micro batch, after the step-2 checkpoint
+                raise RuntimeError("interrupted")
+        return forward(self, input_ids, targets)
+
+    monkeypatch.setattr(LogitsObjective, "forward", interrupted)
+    recipe = parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "a")))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_recipe(recipe)
+    monkeypatch.setattr(LogitsObjective, "forward", forward)
+    resumed = run_recipe(recipe, resume=True)
+    run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "b"))))
+    assert [s["stage"] for s in resumed] == ["1-matrix", "2-hidden", "3-logits"]
+    assert resumed[0]["loss_last"] < resumed[0]["loss_first"]  # the matrix stage fits materialize
+
+    a, b = (load_file(str(tmp_path / run / "3-logits" / "model.safetensors")) for run in "ab")
+    start = load_file(str(tmp_path / "student" / "model.safetensors"))
+    key = "model.layers.0.self_attn.mixer.k_proj.weight"
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert (a[key] - start[key]).abs().max() > 1e-4  # it trained
+
+    register()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "3-logits")
+    ids = torch.randint(3, 80, (1, 9))
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(
+            student.generate(ids, **settings), student.generate(ids, use_cache=False, **settings)
+        )
+
+    out = tmp_path / "report"
+    argv = ["eval", str(tmp_path / "a" / "3-logits"), "--teacher", str(tmp_path / "teacher")]
+    argv += ["--data", str(tmp_path / "held.txt"), "--seq-len", "64", "--out", str(out)]
+    argv += ["--tasks", "perplexity,agreement,alignment,retrieval,speed", "--lengths", "64", "--samples", "2"]
+    argv += ["--speed-lengths", "16", "--decode-tokens", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+
+    report = json.loads((out / "report.json").read_text())
+    assert [row["layer"] for row in report["alignment"]["layers"]] == [0, 2]
+    assert {"induction", "passkey", "recall"} <= report.keys() and report["speed"]["points"]
