@@ -138,9 +138,12 @@ def test_mixer_benchmark_reports_every_method_at_every_length(tmp_path: Path):
     rows = json.loads(report.read_text())
     assert [r["length"] for r in rows] == [64, 128]
     for row in rows:
-        for method in ("chunked", "sequential", "sdpa"):
+        for method in ("chunked", "sequential", "gated_deltanet", "sdpa"):
             assert row[f"{method}_seconds"] > 0
         assert row["sdpa_over_chunked"] == pytest.approx(row["sdpa_seconds"] / row["chunked_seconds"])
+        assert row["gated_deltanet_over_chunked"] == pytest.approx(
+            row["gated_deltanet_seconds"] / row["chunked_seconds"]
+        )
 
 
 def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_samples(workspace: Path):

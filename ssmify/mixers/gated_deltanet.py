@@ -281,8 +281,15 @@ class GatedDeltaNet(nn.Module):
         initial = state.ssm if state is not None else None
         kernels = gdn_kernels_for(u)
         if kernels is not None:
-            args = (t.float() for t in (q, k, v, g, beta))
-            o, final = kernels.chunk(*args, scale=1.0, initial_state=initial, output_final_state=True)
+            args = {name: t.float().contiguous() for name, t in zip("qkv", (q, k, v))}
+            o, final = kernels.chunk(
+                **args,
+                g=g.float(),
+                beta=beta.float(),
+                scale=1.0,
+                initial_state=initial,
+                output_final_state=True,
+            )
         else:
             o, final = delta_chunked(q, k, v, g, beta, self.config.chunk_size, initial)
         if state is not None:
@@ -297,8 +304,11 @@ class GatedDeltaNet(nn.Module):
         g, beta = self.gates(token)
         kernels = gdn_kernels_for(u)
         if kernels is not None:
-            args = (t[:, None].float() for t in (q, k, v, g, beta))
-            o, new = kernels.recurrent(*args, scale=1.0, initial_state=state.ssm, output_final_state=True)
+            args = {
+                name: t[:, None].float().contiguous()
+                for name, t in zip(("q", "k", "v", "g", "beta"), (q, k, v, g, beta))
+            }
+            o, new = kernels.recurrent(**args, scale=1.0, initial_state=state.ssm, output_final_state=True)
             o = o[:, 0]
         else:
             o, new = delta_step(state.ssm, q, k, v, g, beta)
