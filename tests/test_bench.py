@@ -165,3 +165,30 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
     assert math.isfinite(run["perplexity"]) and run["perplexity"] > 1
     assert name in stdout and "overall" in stdout
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
+
+
+def test_mixers_quality_trains_both_mixers_on_the_same_layers_and_tokens(workspace: Path):
+    out = workspace / "mixers_quality"
+    stdout = run_script(
+        "mixers_quality.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out)),
+    )
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted(runs) == sorted(f"{p}pct/{m}" for p in (0, 50) for m in ("mamba2", "gated_deltanet"))
+    for plan in (0, 50):
+        mamba2, gdn = runs[f"{plan}pct/mamba2"], runs[f"{plan}pct/gated_deltanet"]
+        assert mamba2["attention_layers"] == gdn["attention_layers"]
+        assert len(gdn["attention_layers"]) == (0 if plan == 0 else 2)
+        assert mamba2["training_tokens"] == gdn["training_tokens"] == sum(results["stage_tokens"].values())
+        # seeded at head_dim x head_dim per head, both mixers hold the same state
+        assert mamba2["state_bytes_per_layer"] == gdn["state_bytes_per_layer"] > 0
+    for name, run in runs.items():
+        assert list(run["stages"]) == ["1-matrix", "2-hidden", "3-logits"], name
+        assert run["perplexity_ratio"] == pytest.approx(run["perplexity"] / results["teacher_perplexity"])
+        assert run["train_tokens_per_s"] > 0 and run["decode_tokens_per_s"] > 0
+        assert set(run["retention"]["by_task"]) == {"induction", "passkey"}
+        assert name in stdout
+    assert "decode tok/s@64" in stdout
+    assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
