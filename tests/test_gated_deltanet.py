@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+from test_distill_support import (
+    char_tokenizer,
+    convert_student,
+    recipe_dict,
+    stage,
+    write_corpus,
+    write_teacher,
+)
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.models.olmo_hybrid.modeling_olmo_hybrid import (
@@ -459,3 +466,33 @@ def test_tiny_student_distils_through_three_stages_resumes_generates_and_evaluat
     report = json.loads((out / "report.json").read_text())
     assert [row["layer"] for row in report["alignment"]["layers"]] == [0, 2]
     assert {"induction", "passkey", "recall"} <= report.keys() and report["speed"]["points"]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_lora_on_the_gated_deltanet_projections_trains_and_merges(tmp_path):
+    write_teacher(tmp_path / "teacher")
+    convert_student(tmp_path / "teacher", tmp_path / "student", mixer="gated_deltanet")
+    write_corpus(tmp_path / "train.txt", 60, seed=0)
+    write_corpus(tmp_path / "held.txt", 8, seed=1)
+    lora = {"lora": {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}}
+    stages = [stage("logits", lr=1e-2, tokens=256, trainable=lora)]
+    run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run"))))
+    start = load_file(str(tmp_path / "student" / "model.safetensors"))
+    merged = load_file(str(tmp_path / "run" / "1-logits" / "model.safetensors"))
+    assert merged.keys() == start.keys()  # adapters merged away
+    key = "model.layers.0.self_attn.mixer.q_proj.weight"
+    assert (merged[key] - start[key]).abs().max() > 1e-5
+    gate = "model.layers.0.self_attn.mixer.g_proj.weight"
+    assert torch.equal(merged[gate], start[gate])  # not a target
+
+
+@pytest.mark.parametrize("choice", ["kl", "retrieval"])
+def test_layer_choices_score_gated_deltanet_mixers(choice):
+    teacher = tiny_model("llama")
+    student = ssmify.convert(
+        teacher, keep_attention=0.5, layer_choice=choice, mixer="gated_deltanet", tokenizer=char_tokenizer()
+    )
+    scores = student.convert_report["layer_scores"]
+    assert len(student.config.ssmify["attention_layers"]) == 2 and len(mixer_layers(student)) == 2
+    assert all(isinstance(m, GatedDeltaNet) for m in mixer_layers(student).values())
+    assert scores and len(next(iter(scores.values()))) == 4  # one score per layer
