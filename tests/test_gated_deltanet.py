@@ -6,6 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from test_distill_support import (
     recipe_dict,
     stage,
     write_corpus,
+    write_recipe,
     write_teacher,
 )
 from tiny_models import tiny_model
@@ -496,3 +502,41 @@ def test_layer_choices_score_gated_deltanet_mixers(choice):
     assert len(student.config.ssmify["attention_layers"]) == 2 and len(mixer_layers(student)) == 2
     assert all(isinstance(m, GatedDeltaNet) for m in mixer_layers(student).values())
     assert scores and len(next(iter(scores.values()))) == 4  # one score per layer
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_two_cpu_processes_distil_a_gated_deltanet_student_as_one_does(tmp_path):
+    """DDP: the matrix stage leaves v/g/out projections unused (materialize does not read them)."""
+    repo = Path(__file__).resolve().parents[1]
+    write_teacher(tmp_path / "teacher")
+    convert_student(tmp_path / "teacher", tmp_path / "student", mixer="gated_deltanet")
+    write_corpus(tmp_path / "train.txt", 60, seed=0)
+    write_corpus(tmp_path / "held.txt", 8, seed=1)
+    stages = [stage("matrix", seq_len=16, tokens=256), stage("hidden", lr=1e-3, tokens=256)]
+    path = write_recipe(
+        tmp_path / "recipe.yaml", recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "two"))
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(repo / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+    launch += [
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "ssmify",
+        "distill",
+        str(path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        launch, cwd=repo, env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "one"))))
+    for name in ("1-matrix", "2-hidden"):
+        two, one = (load_file(str(tmp_path / run / name / "model.safetensors")) for run in ("two", "one"))
+        assert max((two[k] - one[k]).abs().max().item() for k in two) <= 1e-5, name
