@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 from test_distill_support import (
     char_tokenizer,
@@ -375,6 +376,8 @@ def test_saved_student_loads_with_its_settings_and_identical_logits(tmp_path):
         mixer="gated_deltanet",
         mixer_options={"allow_neg_eigval": True, "d_conv": 3},
     )
+    front = yaml.safe_load((tmp_path / "s" / "README.md").read_text().split("---")[1])
+    assert "gated_deltanet" in front["tags"] and "mamba2" not in front["tags"]
     register()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     mixer = next(iter(mixer_layers(loaded).values()))

@@ -217,7 +217,7 @@ def model_card(student: PreTrainedModel, report: dict | None, stages: list[dict]
     n = student.config.num_hidden_layers
     teacher = block.get("provenance", {}).get("teacher")
     lines = [
-        *front_matter(teacher, ["ssmify", "mamba2", "hybrid", "distillation"]),
+        *front_matter(teacher, ["ssmify", block["mixer"], "hybrid", "distillation"]),
         f"# ssmify student of `{teacher or 'unknown'}`",
         "",
         f"A {block['base_model_type']} model in which {n - len(kept)} of {n} attention layers were replaced by "
