@@ -29,6 +29,7 @@ then the output scale (the gated-norm gain, as for mamba2).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +239,7 @@ def calibrate_mixer(
     heads = mixer.config.n_heads
     teacher = _by_head(target, heads)
 
-    def best(grid: torch.Tensor, apply) -> torch.Tensor:
+    def best(grid: torch.Tensor, apply: Callable[[torch.nn.Module, torch.Tensor], None]) -> torch.Tensor:
         cosines = []
         for value in grid:
             apply(mixer, value.expand(heads))
