@@ -281,14 +281,12 @@ class GatedDeltaNet(nn.Module):
         initial = state.ssm if state is not None else None
         kernels = gdn_kernels_for(u)
         if kernels is not None:
-            args = {name: t.float().contiguous() for name, t in zip("qkv", (q, k, v))}
+            # fla takes q, k, v and beta in the model's dtype (some versions refuse fp32), g and the state in fp32
+            args = {
+                name: t.to(u.dtype).contiguous() for name, t in zip(("q", "k", "v", "beta"), (q, k, v, beta))
+            }
             o, final = kernels.chunk(
-                **args,
-                g=g.float(),
-                beta=beta.float(),
-                scale=1.0,
-                initial_state=initial,
-                output_final_state=True,
+                **args, g=g.float(), scale=1.0, initial_state=initial, output_final_state=True
             )
         else:
             o, final = delta_chunked(q, k, v, g, beta, self.config.chunk_size, initial)
@@ -305,10 +303,12 @@ class GatedDeltaNet(nn.Module):
         kernels = gdn_kernels_for(u)
         if kernels is not None:
             args = {
-                name: t[:, None].float().contiguous()
-                for name, t in zip(("q", "k", "v", "g", "beta"), (q, k, v, g, beta))
+                name: t[:, None].to(u.dtype).contiguous()
+                for name, t in zip(("q", "k", "v", "beta"), (q, k, v, beta))
             }
-            o, new = kernels.recurrent(**args, scale=1.0, initial_state=state.ssm, output_final_state=True)
+            o, new = kernels.recurrent(
+                **args, g=g[:, None].float(), scale=1.0, initial_state=state.ssm, output_final_state=True
+            )
             o = o[:, 0]
         else:
             o, new = delta_step(state.ssm, q, k, v, g, beta)
