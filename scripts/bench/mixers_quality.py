@@ -13,8 +13,8 @@ counted, its training tokens/s read from the stage summaries, and its decode tok
 
 Results go to OUT/results.json after every student, so a killed run continues where it stopped.
 
-    python scripts/bench/mixers_quality.py                    # SmolLM2-135M, 4 students, ~25 min on 2 cores
-    python scripts/bench/mixers_quality.py --tokens 61440     # twice the demo recipe's budget
+    python scripts/bench/mixers_quality.py                    # SmolLM2-135M, 4 students, 25-30 min on 2 cores
+    python scripts/bench/mixers_quality.py --tokens 20480     # two thirds of the recipe's budget: about 22 min
     python scripts/bench/mixers_quality.py --quick --teacher DIR --train T.txt --heldout H.txt
 """
 
