@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import socket
@@ -421,9 +422,8 @@ def test_bad_mixer_options_are_one_line_errors_and_write_nothing(args, expected,
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_tiny_student_distils_through_three_stages_resumes_generates_and_evaluates(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, caplog
 ):
-
     write_teacher(tmp_path / "teacher")
     convert_student(tmp_path / "teacher", tmp_path / "student", mixer="gated_deltanet")
     write_corpus(tmp_path / "train.txt", 60, seed=0)
@@ -445,7 +445,11 @@ def test_tiny_student_distils_through_three_stages_resumes_generates_and_evaluat
     with pytest.raises(RuntimeError, match="interrupted"):
         run_recipe(recipe)
     monkeypatch.setattr(LogitsObjective, "forward", forward)
+    assert (tmp_path / "a" / "2-hidden" / "summary.json").is_file()  # stages 1-2 finished before the stop
+    assert not (tmp_path / "a" / "3-logits" / "summary.json").exists()
+    caplog.set_level(logging.INFO, logger="ssmify.distill.loop")
     resumed = run_recipe(recipe, resume=True)
+    assert any("resuming from" in r.getMessage() and "step-2" in r.getMessage() for r in caplog.records)
     run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "b"))))
     assert [s["stage"] for s in resumed] == ["1-matrix", "2-hidden", "3-logits"]
     assert resumed[0]["loss_last"] < resumed[0]["loss_first"]  # the matrix stage fits materialize
