@@ -94,14 +94,15 @@ class DataConfig(StrictModel):
     synthetic: SyntheticConfig | None = None
 
 
-CONVERT_OPTIONS = ("mixer", "keep_attention", "attention_layers", "layer_choice", "init")
+CONVERT_OPTIONS = ("mixer", "mixer_options", "keep_attention", "attention_layers", "layer_choice", "init")
 
 
 class StudentConfig(StrictModel):
     """Either `path` (an existing converted student folder) or the options `ssmify convert` takes."""
 
     path: str | None = None
-    mixer: Literal["mamba2", "discrete_mamba2"] | None = None
+    mixer: Literal["mamba2", "discrete_mamba2", "gated_deltanet"] | None = None
+    mixer_options: dict[str, Any] | None = None
     keep_attention: float | None = Field(None, ge=0, le=1)
     attention_layers: list[int] | None = None
     layer_choice: Literal["even", "sensitive", "kl", "retrieval", "auto"] | None = None
