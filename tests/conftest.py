@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -34,20 +35,22 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def _has_mamba_kernels() -> bool:
+def _has_kernels(module: str) -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import mamba_ssm  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_mamba_kernels():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA and mamba_ssm (pip install 'ssmify[gpu]')")
+    """A `gpu` test runs only with CUDA and its kernels: mamba_ssm, or the one named `gpu(kernels="fla")`."""
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        module = marker.kwargs.get("kernels", "mamba_ssm")
+        if not _has_kernels(module):
+            item.add_marker(pytest.mark.skip(reason=f"needs CUDA and {module} (pip install 'ssmify[gpu]')"))

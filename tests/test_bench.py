@@ -138,9 +138,12 @@ def test_mixer_benchmark_reports_every_method_at_every_length(tmp_path: Path):
     rows = json.loads(report.read_text())
     assert [r["length"] for r in rows] == [64, 128]
     for row in rows:
-        for method in ("chunked", "sequential", "sdpa"):
+        for method in ("chunked", "sequential", "gated_deltanet", "sdpa"):
             assert row[f"{method}_seconds"] > 0
         assert row["sdpa_over_chunked"] == pytest.approx(row["sdpa_seconds"] / row["chunked_seconds"])
+        assert row["gated_deltanet_over_chunked"] == pytest.approx(
+            row["gated_deltanet_seconds"] / row["chunked_seconds"]
+        )
 
 
 def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_samples(workspace: Path):
@@ -161,4 +164,58 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
     }
     assert math.isfinite(run["perplexity"]) and run["perplexity"] > 1
     assert name in stdout and "overall" in stdout
+    assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
+
+
+def test_lora_bench_compares_full_fine_tuning_with_two_ranks_from_one_start(workspace: Path):
+    out = workspace / "lora"
+    stdout = run_script(
+        "lora.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out), "--report", str(out / "report")),
+    )
+    results = json.loads((out / "report.json").read_text())
+    assert results == json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert list(runs) == ["full", "lora-r8", "lora-r32"]
+    assert {run["training_tokens"] for run in runs.values()} == {results["tokens"]}
+    full, r8, r32 = (runs[name]["trainable_parameters"] for name in runs)
+    assert 0 < r8 < r32 and r8 < full
+    for run in [results["start"], *runs.values()]:
+        assert math.isfinite(run["perplexity_ratio"]) and run["perplexity_ratio"] > 0
+        assert set(run["retention_by_length"]) == {"128"}
+    for run in runs.values():
+        assert run["peak_rss_mib"] > 100 and run["tokens_per_s"] > 0
+        assert run["state_mib"] == pytest.approx(run["trainable_parameters"] * 12 / 2**20, abs=0.05)
+    table = (out / "report.txt").read_text()
+    assert table.strip() in stdout
+    for name, run in runs.items():
+        assert f"{name:<9} | {run['trainable_parameters']:>11,} | {run['perplexity_ratio']:>6.3f}" in table
+    assert not list(out.rglob("1-logits"))  # each config's student is removed once scored
+
+
+def test_mixers_quality_trains_both_mixers_on_the_same_layers_and_tokens(workspace: Path):
+    out = workspace / "mixers_quality"
+    stdout = run_script(
+        "mixers_quality.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out)),
+    )
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted(runs) == sorted(f"{p}pct/{m}" for p in (0, 50) for m in ("mamba2", "gated_deltanet"))
+    for plan in (0, 50):
+        mamba2, gdn = runs[f"{plan}pct/mamba2"], runs[f"{plan}pct/gated_deltanet"]
+        assert mamba2["attention_layers"] == gdn["attention_layers"]
+        assert len(gdn["attention_layers"]) == (0 if plan == 0 else 2)
+        assert mamba2["training_tokens"] == gdn["training_tokens"] == sum(results["stage_tokens"].values())
+        # seeded at head_dim x head_dim per head, both mixers hold the same state
+        assert mamba2["state_bytes_per_layer"] == gdn["state_bytes_per_layer"] > 0
+    for name, run in runs.items():
+        assert list(run["stages"]) == ["1-matrix", "2-hidden", "3-logits"], name
+        assert run["perplexity_ratio"] == pytest.approx(run["perplexity"] / results["teacher_perplexity"])
+        assert run["train_tokens_per_s"] > 0 and run["decode_tokens_per_s"] > 0
+        assert set(run["retention"]["by_task"]) == {"induction", "passkey"}
+        assert name in stdout
+    assert "decode tok/s@64" in stdout
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored

@@ -225,6 +225,45 @@ def test_the_shipped_recipes_are_valid():
     }
 
 
+def test_lora_settings_are_checked_and_the_matrix_stage_refuses_lora():
+    lora = minimal(trainable={"lora": {"r": 8, "target_modules": "model\\.layers\\.[0-3]\\..*_proj"}})
+    assert parse_recipe(lora).stages[0].trainable.lora.modules_to_save is None  # the default decides later
+    assert "trainable.lora.target_modules: Value error, not a regular expression" in error_of(
+        minimal(trainable={"lora": {"target_modules": "q_proj("}})
+    )
+    assert "trainable.lora.target_modules: Value error, give at least one module name" in error_of(
+        minimal(trainable={"lora": {"target_modules": []}})
+    )
+    assert "trainable.lora.modules_to_save: Value error, list each module name once" in error_of(
+        minimal(trainable={"lora": {"modules_to_save": ["mixer_extras", "mixer_extras"]}})
+    )
+    assert "stages.0.trainable.lora: LoRA does not apply to the matrix stage" in error_of(
+        minimal(name="matrix", trainable={"lora": {}})
+    )
+    assert (
+        "stages.0.trainable: the hidden stage trains mixers, blocks or LoRA adapters (got 'all')"
+        in error_of(minimal(name="hidden", trainable="all"))
+    )
+    assert parse_recipe(minimal(name="hidden", trainable={"lora": {"r": 4}})).stages[0].trainable.lora.r == 4
+
+
+def test_the_lolcats_style_recipe_aligns_the_mixers_then_distils_with_lora():
+    recipe = load_recipe(RECIPES[[p.name for p in RECIPES].index("lolcats-style-smollm2.yaml")])
+    hidden, logits = recipe.stages
+    assert (hidden.name, hidden.trainable, logits.name) == ("hidden", "mixers", "logits")
+    lora = logits.trainable.lora
+    assert set(lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert lora.modules_to_save == ["mixer_extras"]
+
+
 def test_the_launch_configs_load_in_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
 

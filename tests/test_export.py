@@ -95,6 +95,14 @@ def test_bamba_export_states_its_rotary_factor_instead_of_bambas_hard_coded_half
 # name: (family, attention layers kept, mixer, teacher overrides, --to, what the one-line refusal says)
 REFUSALS = {
     "discrete_mamba2": ("llama", [1], "discrete_mamba2", {}, "auto", "its mixer is discrete_mamba2"),
+    "gated_deltanet": (
+        "llama",
+        [],
+        "gated_deltanet",
+        {},
+        "auto",
+        "no native transformers architecture holds a Gated DeltaNet student of a llama teacher",
+    ),
     "qwen3 B/C norms": ("qwen3", [], "mamba2", {}, "auto", "normalise B and C"),
     "qwen3 q/k norms": ("qwen3", [0], "mamba2", {}, "bamba", "normalise queries and keys"),
     "sliding window": ("mistral", [0], "mamba2", {"sliding_window": 8}, "auto", "see only the last 8 tokens"),

@@ -24,7 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("teacher", help="local HF folder, hub id, or .gguf file")
     p.add_argument("--out", required=True, help="output folder for the student")
-    p.add_argument("--mixer", default="mamba2", help="mamba2 (default) or discrete_mamba2")
+    p.add_argument("--mixer", default="mamba2", help="mamba2 (default), discrete_mamba2 or gated_deltanet")
+    p.add_argument(
+        "--mixer-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a mixer setting, repeatable: d_conv=N (any mixer), allow_neg_eigval=true (gated_deltanet)",
+    )
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--attention-layers", type=_layer_list, help="layers that keep attention, e.g. 3,7,11")
     plan.add_argument(
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         args.teacher,
         out=args.out,
         mixer=args.mixer,
+        mixer_options=parse_mixer_options(args.mixer_option),
         attention_layers=args.attention_layers,
         keep_attention=args.keep_attention,
         layer_choice=args.layer_choice,
@@ -74,3 +82,16 @@ def run(args: argparse.Namespace) -> int:
         f"(teacher {report['teacher_perplexity']:.2f}); {report['seconds']:.1f} s"
     )
     return 0
+
+
+def parse_mixer_options(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings -> a dict; VALUE is read as YAML (so `true` is a bool and `3` an int)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SsmifyError(f"--mixer-option: {item!r} is not KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value)
+    return options

@@ -34,9 +34,11 @@ def seeded_student(
     calibration: torch.Tensor,
     chunk_size: int = 64,
     seed: int = 0,
+    mixer_options: dict | None = None,
 ) -> PreTrainedModel:
     """The teacher with `plan.converted` attention layers swapped for mixers, seeded from attention and
-    calibrated on `calibration` token windows (init "seeded") or left freshly initialised ("random")."""
+    calibrated on `calibration` token windows (init "seeded") or left freshly initialised ("random").
+    `mixer_options` override the mixer settings that seeding picks (checked by `convert`)."""
     family = model.config.model_type
     adapter = get_adapter(family)
     blocks = adapter.decoder_layers(model)
@@ -44,7 +46,10 @@ def seeded_student(
     block = {
         "base_model_type": family,
         "mixer": mixer,
-        "mixer_config": mixer_settings(mixer, first, chunk_size, norm_eps=norm_eps(model.config)),
+        "mixer_config": {
+            **mixer_settings(mixer, first, chunk_size, norm_eps=norm_eps(model.config)),
+            **(mixer_options or {}),
+        },
         "attention_layers": list(plan.attention_layers),
     }
     torch.manual_seed(seed)

@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 INITS = ("seeded", "random")
 LAYER_CHOICES = ("even", "sensitive", "kl", "retrieval", "auto")
+# What `--mixer-option` may set, per mixer: key -> (type, check, what the check wants).
+_D_CONV = (int, lambda v: 1 <= v <= 16, "an integer from 1 to 16")
+MIXER_OPTIONS: dict[str, dict[str, tuple]] = {
+    "mamba2": {"d_conv": _D_CONV},
+    "discrete_mamba2": {"d_conv": _D_CONV},
+    "gated_deltanet": {"d_conv": _D_CONV, "allow_neg_eigval": (bool, lambda v: True, "true or false")},
+}
 # Calibration windows the layer scores (loss, kl) are measured on (--layer-choice other than even).
 SENSITIVITY_WINDOWS = 2
 
@@ -38,6 +45,7 @@ def convert(
     teacher: str | os.PathLike | PreTrainedModel,
     out: str | os.PathLike | None = None,
     mixer: str = "mamba2",
+    mixer_options: dict | None = None,
     attention_layers: list[int] | None = None,
     keep_attention: float | None = None,
     layer_choice: str = "even",
@@ -59,12 +67,14 @@ def convert(
     by loss, "kl" by KL(teacher || student) on the calibration text, "retrieval" by the drop in
     induction and passkey accuracy, "auto" by kl and retrieval together. Those cost one forward pass per
     layer, and are cached per teacher folder and calibration text. init: "seeded" (from the teacher's
-    Q/K/V/O, then calibrated) or "random".
+    Q/K/V/O, then calibrated) or "random". mixer_options: settings on top of those seeding picks, as in
+    MIXER_OPTIONS (the layer scores of --layer-choice are measured with the default settings).
     The student's perplexity before any training, next to the teacher's, is logged and saved in
     `out/convert_report.json`.
     """
     if mixer not in MIXERS:
         raise SsmifyError(f"--mixer: {mixer!r} is not a mixer; choose one of {', '.join(MIXERS)}")
+    mixer_options = check_mixer_options(mixer, mixer_options or {})
     if init not in INITS:
         raise SsmifyError(f"--init: {init!r} is not an init; choose one of {', '.join(INITS)}")
     if layer_choice not in LAYER_CHOICES:
@@ -104,12 +114,13 @@ def convert(
         plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
     log.info("plan: %s", plan.describe())
 
-    student = seeded_student(model, plan, mixer, init, calibration, chunk_size, seed)
+    student = seeded_student(model, plan, mixer, init, calibration, chunk_size, seed, mixer_options)
 
     report = {
         "teacher": source,
         "family": family,
         "mixer": mixer,
+        "mixer_options": mixer_options,
         "init": init,
         "attention_layers": list(plan.attention_layers),
         "layer_choice": layer_choice,
@@ -142,6 +153,19 @@ def convert(
         save_student(student, out, tokenizer=tokenizer, report=report, overwrite=overwrite)
     student.convert_report = report
     return student
+
+
+def check_mixer_options(mixer: str, options: dict) -> dict:
+    """`options` if `mixer` takes each of them with a value of the right kind; else a one-line SsmifyError."""
+    allowed = MIXER_OPTIONS[mixer]
+    for key, value in options.items():
+        if key not in allowed:
+            choices = ", ".join(allowed)
+            raise SsmifyError(f"--mixer-option: {mixer} has no option {key!r}; it takes {choices}")
+        kind, check, what = allowed[key]
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool) or not check(value):
+            raise SsmifyError(f"--mixer-option {key}: must be {what}, not {value!r}")
+    return dict(options)
 
 
 def _check_plan(
@@ -193,7 +217,7 @@ def model_card(student: PreTrainedModel, report: dict | None, stages: list[dict]
     n = student.config.num_hidden_layers
     teacher = block.get("provenance", {}).get("teacher")
     lines = [
-        *front_matter(teacher, ["ssmify", "mamba2", "hybrid", "distillation"]),
+        *front_matter(teacher, ["ssmify", block["mixer"], "hybrid", "distillation"]),
         f"# ssmify student of `{teacher or 'unknown'}`",
         "",
         f"A {block['base_model_type']} model in which {n - len(kept)} of {n} attention layers were replaced by "

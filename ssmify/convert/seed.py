@@ -13,17 +13,29 @@ Linear attention has no softmax denominator, so its output scale is far from the
 `calibrate_mixer` fits, on calibration text, each head's decay (from a grid) and its output scale to the
 teacher head it came from: the scale goes into the gated-norm gain for mamba2 and into the constant
 gate silu(z bias) for discrete_mamba2 (which has no norm). out_proj stays W_O in both.
+
+gated_deltanet is seeded the same way: q_proj <- W_Q, k_proj <- W_K, v_proj <- W_V (repeated under
+GQA), out_proj <- W_O, the teacher's q/k norms as its q/k norms, the conv the identity, the gate
+pass-through (g_proj weights 0, silu(bias) = 1), decay and beta input-independent (a_proj and b_proj
+weights 0). The identity that then holds, with the conv bypassed and decay 1: the delta rule's core
+output is o = (Q K^T * causal) U with U = T^{-1} diag(beta) V (see `mixers/gated_deltanet.py`), with
+Q, K the teacher's l2-normalised queries (over sqrt(d)) and keys and V its values; as beta -> 0,
+o / beta is the teacher's causal linear attention sum_{s<=t} (q_t . k_s) v_s on those normalised q, k.
+So a small beta makes every write, the first exactly, a linear-attention write; calibration first picks
+each head's decay at BETA_SEED, then the beta on BETA_GRID that points its output the teacher head's way,
+then the output scale (the gated-norm gain, as for mamba2).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ssmify.convert.adapters import AttentionWeights
-from ssmify.mixers import DiscreteMamba2, Mamba2, SSDMixer
+from ssmify.mixers import DiscreteMamba2, GatedDeltaNet, Mamba2, SSDMixer
 
 SILU_ONE = 1.2784645427610738  # silu(SILU_ONE) == 1: a pass-through gate
 
@@ -32,6 +44,17 @@ def mixer_settings(
     mixer: str, weights: AttentionWeights, chunk_size: int = 64, norm_eps: float = 1e-5
 ) -> dict:
     """The mixer config that can hold one teacher attention layer exactly (bias on: the gate needs it)."""
+    if mixer == "gated_deltanet":
+        return {
+            "d_model": weights.hidden_size,
+            "n_heads": weights.num_heads,
+            "head_dim": weights.head_dim,
+            "chunk_size": chunk_size,
+            "bias": True,
+            "norm_eps": norm_eps,
+            "qk_norm": weights.qk_norm,
+            "qk_norm_eps": weights.qk_norm_eps if weights.qk_norm else 1e-6,
+        }
     settings = {
         "d_model": weights.hidden_size,
         "n_heads": weights.num_heads,
@@ -65,8 +88,11 @@ def _per_head(weights: AttentionWeights) -> dict[str, tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def seed_mixer(mixer: SSDMixer, weights: AttentionWeights) -> None:
+def seed_mixer(mixer: SSDMixer | GatedDeltaNet, weights: AttentionWeights) -> None:
     """Write the teacher's attention projections into `mixer` (built with `mixer_settings`), in place."""
+    if isinstance(mixer, GatedDeltaNet):
+        seed_gated_deltanet(mixer, weights)
+        return
     heads = _per_head(weights)
     rows = {"x": heads["v"], "B": heads["k"], "C": heads["q"]}
     inner = mixer.inner
@@ -98,19 +124,57 @@ def seed_mixer(mixer: SSDMixer, weights: AttentionWeights) -> None:
         mixer.conv1d.bias.zero_()
 
     if weights.qk_norm:
-        for norm, w, b in (
-            (mixer.B_norm, weights.k_norm_weight, weights.k_norm_bias),
-            (mixer.C_norm, weights.q_norm_weight, weights.q_norm_bias),
-        ):
-            norm.weight.copy_(w)
-            if b is not None:
-                norm.bias.copy_(b)
+        _copy_qk_norms(weights, q_norm=mixer.C_norm, k_norm=mixer.B_norm)
+    _copy_out_proj(mixer.out_proj, weights)
 
-    mixer.out_proj.weight.copy_(weights.o_weight)
+
+# Write strengths a seeded gated_deltanet head may take; BETA_SEED, the smallest, is nearly linear attention.
+BETA_GRID = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95])
+BETA_SEED = float(BETA_GRID[0])
+
+
+@torch.no_grad()
+def seed_gated_deltanet(mixer: GatedDeltaNet, weights: AttentionWeights) -> None:
+    """q/k/v/out projections from attention, the rest a no-op or input-independent (module docstring)."""
+    heads = _per_head(weights)
+    for proj, name in ((mixer.q_proj, "q"), (mixer.k_proj, "k"), (mixer.v_proj, "v")):
+        w, b = heads[name]
+        proj.weight.copy_(w)
+        proj.bias.copy_(b if b is not None else torch.zeros_like(proj.bias))
+    for proj in (mixer.a_proj, mixer.b_proj, mixer.g_proj):
+        proj.weight.zero_()
+    mixer.g_proj.bias.fill_(SILU_ONE)
+    set_beta(mixer, torch.full((mixer.config.n_heads,), BETA_SEED))
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0
+    if weights.qk_norm:
+        _copy_qk_norms(weights, q_norm=mixer.q_norm, k_norm=mixer.k_norm)
+    _copy_out_proj(mixer.out_proj, weights)
+
+
+@torch.no_grad()
+def set_beta(mixer: GatedDeltaNet, beta: torch.Tensor) -> None:
+    """Give each head a constant write strength beta (b_proj's weights are 0 in a seeded mixer)."""
+    p = beta.double() / (2.0 if mixer.config.allow_neg_eigval else 1.0)
+    mixer.b_proj.bias.copy_(torch.log(p) - torch.log1p(-p))
+
+
+def _copy_qk_norms(weights: AttentionWeights, q_norm: torch.nn.Module, k_norm: torch.nn.Module) -> None:
+    for norm, w, b in (
+        (k_norm, weights.k_norm_weight, weights.k_norm_bias),
+        (q_norm, weights.q_norm_weight, weights.q_norm_bias),
+    ):
+        norm.weight.copy_(w)
+        if b is not None:
+            norm.bias.copy_(b)
+
+
+def _copy_out_proj(out_proj: torch.nn.Linear, weights: AttentionWeights) -> None:
+    out_proj.weight.copy_(weights.o_weight)
     if weights.o_bias is not None:
-        mixer.out_proj.bias.copy_(weights.o_bias)
+        out_proj.bias.copy_(weights.o_bias)
     else:
-        mixer.out_proj.bias.zero_()
+        out_proj.bias.zero_()
 
 
 def head_rms(outputs: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -132,7 +196,7 @@ def teacher_head_outputs(
     return torch.einsum("bhts,bshd->bthd", probs.to(values.dtype), values).flatten(-2)
 
 
-def mixer_head_outputs(mixer: SSDMixer, inputs: torch.Tensor) -> torch.Tensor:
+def mixer_head_outputs(mixer: SSDMixer | GatedDeltaNet, inputs: torch.Tensor) -> torch.Tensor:
     """The mixer's per-head outputs before out_proj, (B, L, H * d)."""
     seen: list[torch.Tensor] = []
     handle = mixer.out_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -148,11 +212,11 @@ DECAY_GRID = torch.tensor([0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999,
 
 
 @torch.no_grad()
-def set_decay(mixer: SSDMixer, decay: torch.Tensor) -> None:
+def set_decay(mixer: SSDMixer | GatedDeltaNet, decay: torch.Tensor) -> None:
     """Give each head a constant per-step decay (a seeded mixer's dt does not depend on its input)."""
     rate = -torch.log(decay.double())  # -log a
-    if isinstance(mixer, Mamba2):
-        dt = rate / torch.exp(mixer.A_log.double())  # log a = -dt * A
+    if isinstance(mixer, (Mamba2, GatedDeltaNet)):
+        dt = rate / torch.exp(mixer.A_log.double())  # log a = -dt * exp(A_log)
         mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     else:  # log a = -softplus(bias)
         rows = mixer.in_proj.bias[4 * mixer.inner :]
@@ -160,33 +224,44 @@ def set_decay(mixer: SSDMixer, decay: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def calibrate_mixer(mixer: SSDMixer, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def calibrate_mixer(
+    mixer: SSDMixer | GatedDeltaNet, inputs: torch.Tensor, target: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Fit each seeded head to the teacher head it came from, on calibration `inputs`.
 
     `target` holds the teacher's per-head outputs (B, L, H * d) on those inputs. Per head, the decay
     is the one from DECAY_GRID whose output points most nearly the teacher's way (largest cosine),
     then the scale makes the output RMS equal the teacher's: the gated-norm gain for mamba2, the
     constant gate silu(z bias) for discrete_mamba2 (which has no norm). out_proj stays W_O.
-    Returns the chosen decays and scale factors.
+    gated_deltanet picks its decay at BETA_SEED, then its beta from BETA_GRID the same way, and takes
+    the scale in its gated-norm gain. Returns the chosen decays (and betas) and scale factors.
     """
     heads = mixer.config.n_heads
     teacher = _by_head(target, heads)
-    cosines = []
-    for decay in DECAY_GRID:
-        set_decay(mixer, decay.expand(heads))
-        ours = _by_head(mixer_head_outputs(mixer, inputs), heads)
-        cosines.append(F.cosine_similarity(ours, teacher, dim=-1))
-    decay = DECAY_GRID[torch.stack(cosines).argmax(0)]
-    set_decay(mixer, decay)
+
+    def best(grid: torch.Tensor, apply: Callable[[torch.nn.Module, torch.Tensor], None]) -> torch.Tensor:
+        cosines = []
+        for value in grid:
+            apply(mixer, value.expand(heads))
+            ours = _by_head(mixer_head_outputs(mixer, inputs), heads)
+            cosines.append(F.cosine_similarity(ours, teacher, dim=-1))
+        chosen = grid[torch.stack(cosines).argmax(0)]
+        apply(mixer, chosen)
+        return chosen
+
+    chosen = {"decay": best(DECAY_GRID, set_decay)}
+    if isinstance(mixer, GatedDeltaNet):
+        chosen["beta"] = best(BETA_GRID, set_beta)
 
     factors = head_rms(target, heads) / head_rms(mixer_head_outputs(mixer, inputs), heads).clamp(min=1e-12)
     per_channel = factors.repeat_interleave(mixer.config.head_dim)
-    if isinstance(mixer, Mamba2):
-        mixer.norm.weight.mul_(per_channel.to(mixer.norm.weight.dtype))
+    if isinstance(mixer, (Mamba2, GatedDeltaNet)):
+        gain = mixer.norm.weight if isinstance(mixer, Mamba2) else mixer.o_norm.weight
+        gain.mul_(per_channel.to(gain.dtype))
     else:
         z = mixer.in_proj.bias[3 * mixer.inner : 4 * mixer.inner]
         z.copy_(inverse_silu(F.silu(z.float()) * per_channel).to(z.dtype))
-    return {"decay": decay, "scale": factors}
+    return {**chosen, "scale": factors}
 
 
 def inverse_silu(y: torch.Tensor) -> torch.Tensor:

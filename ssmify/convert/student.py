@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ssmify.convert.adapters import SUPPORTED_FAMILIES, get_adapter
 from ssmify.errors import SsmifyError
-from ssmify.mixers import SSDMixer, build_mixer
+from ssmify.mixers import build_mixer
 from ssmify.mixers.state import MixerState
 
 MODEL_TYPE = "ssmify"
@@ -115,7 +115,7 @@ class MixerAttention(nn.Module):
     Blocks unpack `(output, attention_weights)`; a mixer has no attention weights, so the second is None.
     """
 
-    def __init__(self, mixer: SSDMixer, layer_idx: int):
+    def __init__(self, mixer: nn.Module, layer_idx: int):
         super().__init__()
         self.mixer = mixer
         self.layer_idx = layer_idx
@@ -233,7 +233,7 @@ def is_student(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == MODEL_TYPE
 
 
-def mixer_layers(model: nn.Module) -> dict[int, SSDMixer]:
+def mixer_layers(model: nn.Module) -> dict[int, nn.Module]:
     """Converted layer index -> its mixer. Works through wrappers (peft, DDP) via named_modules."""
     return {m.layer_idx: m.mixer for m in model.modules() if isinstance(m, MixerAttention)}
 

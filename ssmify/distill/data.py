@@ -229,9 +229,15 @@ class DocumentSource:
 
 
 def _read_records(path: Path, dataset: Iterable[dict]) -> Iterator[dict]:
-    """The records of a local file; a file that does not parse is an error naming it, not a traceback."""
+    """The records of a local file; a file that does not parse is an error naming it, not a traceback.
+
+    datasets' file builders log a parse failure at ERROR before they raise it; that line is muted
+    here, because the error this raises says the same in one line."""
+    builders = logging.getLogger("datasets.packaged_modules")
+    level = builders.level
     records = iter(dataset)
     while True:
+        builders.setLevel(logging.CRITICAL)
         try:
             record = next(records)
         except StopIteration:
@@ -240,6 +246,8 @@ def _read_records(path: Path, dataset: Iterable[dict]) -> Iterator[dict]:
             raise SsmifyError(
                 f"data: {path}: cannot be read as {path.suffix} data: {_root_cause(err)}"
             ) from None
+        finally:
+            builders.setLevel(level)
         yield record
 
 

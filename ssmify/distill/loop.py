@@ -165,8 +165,10 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     set_seed(recipe.seed + ctx.index)
 
     student = load_student(ctx.start_dir)
-    objective = build_objective(stage, student)
-    if not any(p.requires_grad for p in objective.parameters()):
+    where = f"stages.{ctx.index}.trainable"
+    objective = build_objective(stage, student, where)
+    trainable_parameters = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    if not trainable_parameters:
         raise SsmifyError(f"stages.{ctx.index}.trainable: {stage.trainable!r} selects no parameters")
     optimizer = torch.optim.AdamW(
         param_groups(objective, stage.weight_decay), lr=stage.lr, betas=stage.betas, eps=stage.eps
@@ -250,6 +252,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         "loss_last": progress["losses"][-1],
         "val_loss_first": progress["val_losses"][0][1],
         "val_loss_last": progress["val_losses"][-1][1],
+        "trainable_parameters": trainable_parameters,
         "processes": plan.num_processes,
         "accumulation": plan.accumulation,
         "losses": progress["losses"],
@@ -257,7 +260,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     }
     if main:
         fresh = load_student(ctx.start_dir)
-        fresh_objective = build_objective(stage, fresh)
+        fresh_objective = build_objective(stage, fresh, where)
         fresh_objective.load_state_dict(state)
         save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
         earlier = distillation_history(ctx.start_dir)

@@ -9,6 +9,7 @@ value out of range stops the run with one line that names the dotted path, e.g.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -93,14 +94,15 @@ class DataConfig(StrictModel):
     synthetic: SyntheticConfig | None = None
 
 
-CONVERT_OPTIONS = ("mixer", "keep_attention", "attention_layers", "layer_choice", "init")
+CONVERT_OPTIONS = ("mixer", "mixer_options", "keep_attention", "attention_layers", "layer_choice", "init")
 
 
 class StudentConfig(StrictModel):
     """Either `path` (an existing converted student folder) or the options `ssmify convert` takes."""
 
     path: str | None = None
-    mixer: Literal["mamba2", "discrete_mamba2"] | None = None
+    mixer: Literal["mamba2", "discrete_mamba2", "gated_deltanet"] | None = None
+    mixer_options: dict[str, Any] | None = None
     keep_attention: float | None = Field(None, ge=0, le=1)
     attention_layers: list[int] | None = None
     layer_choice: Literal["even", "sensitive", "kl", "retrieval", "auto"] | None = None
@@ -131,11 +133,43 @@ class Schedule(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+MIXER_EXTRAS = "mixer_extras"  # the preset: every converted mixer's parameters outside its Linear layers
+
+
 class LoraOptions(StrictModel):
+    """peft LoRA settings (`ssmify.distill.lora`).
+
+    target_modules: Linear layer names (a name matches a module whose dotted path ends with it), a
+    regular expression over whole dotted paths, or "all-linear" (every Linear but the output head).
+    modules_to_save: modules trained fully beside the adapters, and the preset `mixer_extras`; left
+    out, it is `[mixer_extras]` when a target lies in a mixer and `[]` otherwise.
+    """
+
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, targets: list[str] | str) -> list[str] | str:
+        names = [targets] if isinstance(targets, str) else targets
+        if not names or not all(name.strip() for name in names):
+            raise ValueError("give at least one module name, a regular expression or all-linear")
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from None
+        return targets
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _each_module_once(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and (len(set(names)) < len(names) or not all(n.strip() for n in names)):
+            raise ValueError("list each module name once, none empty")
+        return names
 
 
 class LoraTrainable(StrictModel):
@@ -306,13 +340,18 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             )
         if stage.loss is not None and stage.name != "logits":
             raise SsmifyError(f"{where}.loss: only the logits stage takes a loss section")
+        if stage.name == "matrix" and isinstance(stage.trainable, LoraTrainable):
+            raise SsmifyError(
+                f"{where}.trainable.lora: LoRA does not apply to the matrix stage, which fits the mixers' "
+                "mixing matrices with their full weights; use trainable: mixers there"
+            )
         if stage.name == "matrix" and stage.trainable != "mixers":
             raise SsmifyError(
                 f"{where}.trainable: the matrix stage trains the mixers only (got {stage.trainable!r})"
             )
-        if stage.name == "hidden" and stage.trainable not in ("mixers", "blocks"):
+        if stage.name == "hidden" and stage.trainable == "all":
             raise SsmifyError(
-                f"{where}.trainable: the hidden stage trains mixers or blocks (got {stage.trainable!r})"
+                f"{where}.trainable: the hidden stage trains mixers, blocks or LoRA adapters (got 'all')"
             )
 
 

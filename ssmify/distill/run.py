@@ -29,6 +29,7 @@ from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
 from ssmify.distill.data import check_data_files, load_data
 from ssmify.distill.loop import SUMMARY_FILE, StageContext, plan_stage, train_stage
+from ssmify.distill.lora import check_lora_stages
 from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import check_vocabulary
@@ -83,6 +84,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> lis
         )
     start = find_or_convert_student(recipe, teacher, tokenizer, out, state)
     check_vocabulary(recipe.teacher, teacher, tokenizer, start)
+    check_lora_stages(recipe, start)
     teacher.requires_grad_(False)
     teacher.eval().to(state.device, dtype=getattr(torch, teacher_dtype(recipe)))
     if first_open > 0:

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ssmify.convert.student import register
-from ssmify.distill.objectives import trained_student
+from ssmify.distill.lora import ADAPTER_DIR, save_adapter
+from ssmify.distill.objectives import adapted_model, trained_student
 from ssmify.errors import SsmifyError
 
 
@@ -42,14 +43,22 @@ def load_student(path: Path) -> PreTrainedModel:
 
 
 def save_student(objective: nn.Module, student: nn.Module, folder: Path, tokenizer: Any) -> None:
-    """Write the trained student (LoRA merged) and the tokenizer into `folder`, through a temporary folder."""
-    final = trained_student(objective, student)
+    """Write the trained student (LoRA merged) and the tokenizer into `folder`, through a temporary folder.
+
+    A LoRA stage's adapters (and trained mixer extras) also go to `folder/adapter`, saved before the merge.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".student-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    adapted = adapted_model(objective)
+    if adapted is not None:
+        save_adapter(adapted, tmp / ADAPTER_DIR)
+    final = trained_student(objective, student)
     final.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     for item in tmp.iterdir():
+        if (folder / item.name).is_dir():
+            shutil.rmtree(folder / item.name)
         os.replace(item, folder / item.name)
     tmp.rmdir()

@@ -27,8 +27,12 @@ def converted_blocks(student: nn.Module) -> dict[int, nn.Module]:
     return {i: layers[i] for i in converted_mixers(student)}
 
 
-def apply_trainable(student: nn.Module, trainable: str | LoraTrainable) -> nn.Module:
-    """Set requires_grad for the stage; returns the module to train (a peft model for LoRA)."""
+def apply_trainable(
+    student: nn.Module, trainable: str | LoraTrainable, stage_name: str = "logits", where: str = "trainable"
+) -> nn.Module:
+    """Set requires_grad for the stage; returns the module to train (a peft model for LoRA).
+
+    `where` is the recipe field that errors name, e.g. stages.2.trainable."""
     if trainable == "all":
         return student.requires_grad_(True)
     student.requires_grad_(False)
@@ -40,25 +44,6 @@ def apply_trainable(student: nn.Module, trainable: str | LoraTrainable) -> nn.Mo
         for block in converted_blocks(student).values():
             block.requires_grad_(True)
         return student
-    from peft import LoraConfig, get_peft_model
+    from ssmify.distill.lora import apply_lora
 
-    options = trainable.lora
-    config = LoraConfig(
-        r=options.r,
-        lora_alpha=options.alpha,
-        lora_dropout=options.dropout,
-        target_modules=options.target_modules,
-    )
-    try:
-        return get_peft_model(student, config)
-    except ValueError as err:
-        raise SsmifyError(
-            f"trainable.lora: peft could not place the adapters: {str(err).splitlines()[0]}"
-        ) from None
-
-
-def merged(model: nn.Module) -> nn.Module:
-    """A plain model: LoRA adapters folded into the base weights, the peft wrapper removed."""
-    from peft import PeftModel
-
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+    return apply_lora(student, trainable.lora, stage_name, where)

@@ -37,7 +37,15 @@ def student_problems(config: PreTrainedConfig) -> list[str]:
     if family not in LLAMA_BLOCK_FAMILIES:
         return [f"its {family} blocks have {OTHER_STRUCTURE.get(family, 'a structure no target has')}"]
     problems = []
-    if block["mixer"] != "mamba2":
+    if block["mixer"] == "gated_deltanet":
+        problems.append(
+            f"its mixer is gated_deltanet, and no native transformers architecture holds a Gated DeltaNet "
+            f"student of a {family} teacher: OLMo-Hybrid, the one with GDN layers, has no biases on them (a "
+            "seeded student's gate and beta need g_proj and b_proj biases) and OLMo-2 post-norm attention "
+            "blocks, so it would need a GDN without those biases and, to keep attention, an OLMo-family "
+            "teacher, which ssmify does not convert yet"
+        )
+    elif block["mixer"] != "mamba2":
         problems.append(
             f"its mixer is {block['mixer']} (no conv activation, no gated norm, A fixed at -1), and every "
             "target's mixer is mamba2"

@@ -1,7 +1,8 @@
-"""Optional CUDA kernels from mamba_ssm, imported lazily so that CPU machines never import them.
+"""Optional CUDA kernels, imported lazily so that CPU machines never import them: mamba_ssm's for the
+SSD mixers, fla's (flash-linear-attention) for Gated DeltaNet.
 
-The PyTorch code in `ssd.py` is the reference; these kernels are a faster way to compute the same
-thing on a GPU, and the GPU tests check that they agree.
+The PyTorch code in `ssd.py` and `gated_deltanet.py` is the reference; these kernels are a faster way to
+compute the same thing on a GPU, and the GPU tests check that they agree.
 """
 
 from __future__ import annotations
@@ -31,3 +32,20 @@ def _load() -> SimpleNamespace | None:
 def kernels_for(t: torch.Tensor) -> SimpleNamespace | None:
     """The mamba_ssm kernels when `t` lives on a CUDA device and they import; otherwise None."""
     return _load() if t.is_cuda else None
+
+
+@functools.cache
+def _load_fla() -> SimpleNamespace | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError as err:
+        log.info("fla kernels unavailable (%s); using the PyTorch delta rule", err)
+        return None
+    return SimpleNamespace(chunk=chunk_gated_delta_rule, recurrent=fused_recurrent_gated_delta_rule)
+
+
+def gdn_kernels_for(t: torch.Tensor) -> SimpleNamespace | None:
+    """fla's gated delta rule kernels when `t` lives on a CUDA device and they import; otherwise None."""
+    return _load_fla() if t.is_cuda else None

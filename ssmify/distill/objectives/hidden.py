@@ -34,10 +34,13 @@ class HiddenObjective(nn.Module):
 
     _no_split_modules = ["HiddenLayerLoss"]
 
-    def __init__(self, blocks: dict[int, nn.Module]) -> None:
+    def __init__(self, blocks: dict[int, nn.Module], adapted: nn.Module | None = None) -> None:
         super().__init__()
         self.layers = sorted(blocks)
         self.losses = nn.ModuleDict({str(i): HiddenLayerLoss(blocks[i]) for i in self.layers})
+        # The peft model around the whole student when the blocks carry LoRA adapters, for merging at the
+        # end; kept out of the module tree, so that DDP, FSDP and checkpoints see only the blocks.
+        object.__setattr__(self, "adapted", adapted)
 
     @torch.no_grad()
     def teacher_targets(self, teacher: nn.Module, input_ids: torch.Tensor) -> Any:

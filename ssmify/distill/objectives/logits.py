@@ -56,6 +56,13 @@ class LogitsObjective(nn.Module):
         self.config = config
         self._no_split_modules = getattr(student, "_no_split_modules", None)
 
+    @property
+    def adapted(self) -> nn.Module | None:
+        """The peft model when the student trains LoRA adapters, else None."""
+        from peft import PeftModel
+
+        return self.student if isinstance(self.student, PeftModel) else None
+
     @torch.no_grad()
     def teacher_targets(self, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return teacher(input_ids=input_ids, use_cache=False).logits
