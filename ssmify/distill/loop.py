@@ -36,7 +36,14 @@ from ssmify.cards import (  # a stage folder with summary.json (written last) is
     distillation_history,
 )
 from ssmify.convert.convert import model_card
-from ssmify.distill.checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint, write_json_atomic
+from ssmify.disk_full import stop_when_disk_full
+from ssmify.distill.checkpoints import (
+    load_checkpoint,
+    newest_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
 from ssmify.distill.data import Blocks, DistillData
 from ssmify.distill.objectives import build_objective
 from ssmify.distill.recipe import Recipe, Stage, stage_dir_name, stage_seq_len
@@ -177,7 +184,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     validation = validation_set(ctx.data.validation, stage, plan)
 
     checkpoints = ctx.stage_dir / "checkpoints"
-    resume_from = newest_checkpoint(checkpoints) if resume else None
+    resume_from = resume_checkpoint(accelerator, checkpoints) if resume else None
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from)  # its "seconds" are the earlier sessions'
         if main:
@@ -259,10 +266,15 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         fresh = load_student(ctx.start_dir)
         fresh_objective = build_objective(stage, fresh)
         fresh_objective.load_state_dict(state)
-        save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
-        earlier = distillation_history(ctx.start_dir)
-        write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
-        write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
+        last = newest_checkpoint(checkpoints)
+        intact = f"checkpoint {last} is intact" if last is not None else "it wrote no checkpoint"
+        with stop_when_disk_full(
+            ctx.stage_dir, "the stage's student", f"{intact}; free some space and --resume"
+        ):
+            save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
+            earlier = distillation_history(ctx.start_dir)
+            write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
+            write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
         if recipe.trackers:
             accelerator.log({"val_loss": val}, step=plan.steps)
     accelerator.wait_for_everyone()

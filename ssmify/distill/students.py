@@ -48,8 +48,12 @@ def save_student(objective: nn.Module, student: nn.Module, folder: Path, tokeniz
     tmp = folder / ".student-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    final.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        final.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of a half-written student
+        raise
     for item in tmp.iterdir():
         os.replace(item, folder / item.name)
     tmp.rmdir()
