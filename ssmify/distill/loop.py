@@ -203,45 +203,49 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     )
     train_start, train_steps = time.perf_counter(), 0
     model.train()
-    for step in range(progress["step"], plan.steps):
-        lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm = train_step(model, objective, ctx.teacher, ctx.data.train, step, plan, accelerator)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            bad = "loss" if not math.isfinite(loss) else "gradient norm"
-            last = newest_checkpoint(checkpoints)
-            where = (
-                f"the last good checkpoint is {last} (continue it with --resume, e.g. after lowering lr)"
-                if last is not None
-                else f"no checkpoint was written yet; the stage starts again from {ctx.start_dir}"
+    try:  # the bar is closed before an error message, so that the message is the last line
+        for step in range(progress["step"], plan.steps):
+            lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(
+                model, objective, ctx.teacher, ctx.data.train, step, plan, accelerator
             )
-            raise SsmifyError(
-                f"{ctx.stage_dir.name}: the {bad} became {loss if bad == 'loss' else grad_norm} at step "
-                f"{step + 1}; stopped without saving it, and {where}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        progress["step"] = done
-        progress["losses"].append(loss)
-        train_steps += 1
-        tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-        if recipe.trackers and done % stage.log_every == 0:
-            accelerator.log(
-                {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
-            )
-        if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
-            val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
-            progress["val_losses"].append([done, val])
-            if recipe.trackers:
-                accelerator.log({"val_loss": val}, step=done)
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
-            progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
-            save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
-    bar.close()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bad = "loss" if not math.isfinite(loss) else "gradient norm"
+                last = newest_checkpoint(checkpoints)
+                where = (
+                    f"the last good checkpoint is {last} (continue it with --resume, e.g. after lowering lr)"
+                    if last is not None
+                    else f"no checkpoint was written yet; the stage starts again from {ctx.start_dir}"
+                )
+                raise SsmifyError(
+                    f"{ctx.stage_dir.name}: the {bad} became {loss if bad == 'loss' else grad_norm} at step "
+                    f"{step + 1}; stopped without saving it, and {where}"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            progress["step"] = done
+            progress["losses"].append(loss)
+            train_steps += 1
+            tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            if recipe.trackers and done % stage.log_every == 0:
+                accelerator.log(
+                    {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
+                )
+            if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
+                val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
+                progress["val_losses"].append([done, val])
+                if recipe.trackers:
+                    accelerator.log({"val_loss": val}, step=done)
+            if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
+                progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
+                save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
+    finally:
+        bar.close()
 
     val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
     progress["val_losses"].append([plan.steps, val])
