@@ -475,6 +475,71 @@ def sweep(
     return result
 
 
+def fill_disk(folder: Path, leave: int) -> None:
+    """Write a ballast file into `folder` so that about `leave` bytes stay free on its file system."""
+    free = shutil.disk_usage(folder).free
+    with (folder / "ballast").open("wb") as handle:
+        for _ in range(max(free - leave, 0) // 2**16):
+            handle.write(bytes(2**16))
+
+
+FULL_DISK_LINE = re.compile(r"^ssmify: error: (\S+): the disk is full .* while writing (.+?); (.*)$")
+
+
+def full_disk_check(workdir: Path) -> str:
+    """Fill a real (tmpfs) disk during a run, then free it and resume; needs root to mount the tmpfs.
+
+    The run is paused (SIGSTOP) when 2-hidden's step-2 appears, the disk is filled to leave room for
+    a checkpoint's model file but not its optimizer state (torch.save's failure, which names no cause),
+    and the run continues. It must stop with exit code 2 and one error line naming the folder, leave
+    no temporary behind and every checkpoint whole, and, with the ballast deleted, resume to the
+    reference weights. Returns "ok: ...", "skipped: ..." or "failed: ...".
+    """
+    disk = workdir / "full-disk"
+    disk.mkdir(exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        return f"skipped: cannot mount a tmpfs ({mounted.stderr.decode().strip() or 'needs root'})"
+    try:
+        out = disk / "run"
+        recipe = workdir / "full-disk.yaml"
+        recipe.write_text(yaml.safe_dump(sweep_recipe(workdir / "workspace", out), sort_keys=False))
+        child = Child(recipe, resume=False)
+        while child.running() and not (out / "2-hidden" / "checkpoints" / "step-2").is_dir():
+            time.sleep(POLL_S)
+        child.process.send_signal(signal.SIGSTOP)
+        fill_disk(
+            disk, leave=(workdir / "reference" / "2-hidden" / "model.safetensors").stat().st_size + 150_000
+        )
+        child.process.send_signal(signal.SIGCONT)
+        code = child.wait()
+        last = child.lines[-1][1] if child.lines else ""
+        match = FULL_DISK_LINE.match(last)
+        if code != 2 or match is None or not match.group(1).startswith(str(out)):
+            return f"failed: expected exit 2 and one disk-full line naming a folder of the run, got exit {code}: {last}"
+        leftovers = [
+            p for p in out.rglob("*") if p.name.startswith((".tmp-step-", ".trash-step-", ".student-tmp"))
+        ]
+        damaged = [
+            f for n in STAGES for _, f in step_folders(out / n / "checkpoints") if checkpoint_problem(f)
+        ]
+        if leftovers or damaged:
+            return f"failed: temporaries left {leftovers}, damaged checkpoints {damaged}"
+        (disk / "ballast").unlink()
+        resumed = Child(recipe, resume=True)
+        if resumed.wait() != 0:
+            return f"failed: the resume after freeing space exited {resumed.process.returncode}"
+        difference = weights_difference(out, workdir / "reference")
+        if difference > TOLERANCE:
+            return f"failed: the resumed run differs from the reference by {difference:.3g}"
+        where = Path(match.group(1)).relative_to(out)
+        return f"ok: stopped in {where} while writing {match.group(2)} ({match.group(3)}); resumed to the reference"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def table(result: Result) -> str:
     """Kills per observed moment and stage, with totals."""
     counts = Counter((k.moment, k.stage) for k in result.kills)
@@ -496,26 +561,35 @@ def counts(result: Result) -> str:
     )
 
 
+def print_now(line: str) -> None:
+    print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50, help="how many SIGKILLs in all (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and delays (default 0)")
     parser.add_argument("--workdir", type=Path, help="where the runs go (kept); default a temporary folder")
+    parser.add_argument(
+        "--full-disk", action="store_true", help="also fill a real disk (a 16 MB tmpfs; needs root) mid-save"
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kill-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    result = sweep(workdir, args.kills, args.seed, log=lambda line: print(line, flush=True))
+    result = sweep(workdir, args.kills, args.seed, log=print_now)
+    full_disk = full_disk_check(workdir) if args.full_disk else "not run (--full-disk)"
     print()
     print(table(result))
     print()
     print(counts(result))
+    print(f"full disk: {full_disk}")
     print(f"{time.monotonic() - started:.0f} s")
     for failure in result.failures:
         print(f"failed: {failure}")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
-    sys.exit(0 if result.ok else 1)
+    sys.exit(0 if result.ok and not full_disk.startswith("failed") else 1)
 
 
 if __name__ == "__main__":
