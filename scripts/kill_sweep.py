@@ -1,16 +1,17 @@
 """Kill sweep: SIGKILL `ssmify distill` at random moments of a tiny three-stage run, resume, compare.
 
-    python scripts/kill_sweep.py --kills 50 --seed 0        # the full sweep (minutes on 2 cores)
-    python scripts/kill_sweep.py --kills 4 --workdir /tmp/k # a short one, keeping its folders
+    python scripts/kill_sweep.py --kills 50 --seed 0          # the full sweep (minutes on 2 cores)
+    python scripts/kill_sweep.py --kills 4 --workdir /tmp/k   # a short one, keeping its folders
+    python scripts/kill_sweep.py --full-disk                  # also fill a real disk mid-run (root)
 
 It builds the tiny workspace the distill tests use (a 4-layer Llama teacher, a converted student, a
 small corpus; tests/test_distill_support.py), runs the recipe below once uninterrupted as the
 reference, then starts runs that it kills and resumes with `--resume` (one kill, sometimes several,
 per run) until they finish, and compares every tensor of every stage's student with the reference.
 
-Each kill aims at one moment, picked at random: training inside a stage, a checkpoint write, the
-hand-off between two stages, or the save of a stage's student (of the last stage: the final save).
-It waits for the event that opens that moment (a line of the run's log, or a file appearing) and
+Each kill aims at one moment, picked at random (a stage still open, then a kind): training inside
+the stage, a checkpoint write, the hand-off to the next stage, or the save of the stage's student
+(of the last stage: the final save). It waits for the event that opens that moment (a line of the run's log, or a file appearing) and
 then for a random part of how long the moment lasted in the reference run. The moment it actually
 hit is read afterwards from what the killed run left: a `.tmp-step-N`/`.trash-step-N` folder means a
 checkpoint write; otherwise the progress bars it printed say whether it had started or finished
@@ -234,11 +235,14 @@ def feasible_targets(point: tuple[int, int]) -> dict[str, list[Target]]:
 
 
 def pick_target(rng: random.Random, point: tuple[int, int]) -> Target | None:
-    """A kind of moment uniformly among those still ahead, then a target of that kind uniformly."""
-    targets = feasible_targets(point)
+    """A stage uniformly among those still open, a kind of moment uniformly among those it has left,
+    then a target of that kind (a checkpoint step) uniformly."""
+    targets = [t for found in feasible_targets(point).values() for t in found]
     if not targets:
         return None
-    return rng.choice(targets[rng.choice(sorted(targets))])
+    name = rng.choice(sorted({t.stage for t in targets}))
+    kind = rng.choice(sorted({t.kind for t in targets if t.stage == name}))
+    return rng.choice([t for t in targets if t.stage == name and t.kind == kind])
 
 
 def window(windows: Windows, target: Target) -> float:

@@ -60,9 +60,9 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{path.name} has a header that is not a JSON object"
     ends = []
     for key, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if key == "__metadata__":
             continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             return f"{path.name} has no valid data_offsets for {key}"
         ends.append(offsets[1])
