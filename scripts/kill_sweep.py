@@ -9,9 +9,9 @@ small corpus; tests/test_distill_support.py), runs the recipe below once uninter
 reference, then starts runs that it kills and resumes with `--resume` (one kill, sometimes several,
 per run) until they finish, and compares every tensor of every stage's student with the reference.
 
-Each kill aims at one moment, picked at random (a stage still open, then a kind): training inside
-the stage, a checkpoint write, the hand-off to the next stage, or the save of the stage's student
-(of the last stage: the final save). It waits for the event that opens that moment (a line of the run's log, or a file appearing) and
+Each kill aims at one moment of one stage: training inside it, a checkpoint write, the hand-off to
+the next stage, or the save of its student (of the last stage: the final save), taking turns so that
+each gets its share, with ties broken at random. It waits for the event that opens that moment (a line of the run's log, or a file appearing) and
 then for a random part of how long the moment lasted in the reference run. The moment it actually
 hit is read afterwards from what the killed run left: a `.tmp-step-N`/`.trash-step-N` folder means a
 checkpoint write; otherwise the progress bars it printed say whether it had started or finished
@@ -57,12 +57,11 @@ TOLERANCE = 1e-6
 STAGES = ["1-matrix", "2-hidden", "3-logits"]
 STEPS, CHECKPOINT_EVERY = 6, 2
 CHECKPOINT_STEPS = list(range(CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY))
-KINDS = ["training", "checkpoint write", "hand-off", "student save"]
 MOMENTS = [
     "startup",
     "training",
     "checkpoint write",
-    "hand-off",
+    "hand-off into",
     "student save",
     "final save",
     "after the end",
@@ -234,15 +233,19 @@ def feasible_targets(point: tuple[int, int]) -> dict[str, list[Target]]:
     return {kind: found for kind, found in targets.items() if found}
 
 
-def pick_target(rng: random.Random, point: tuple[int, int]) -> Target | None:
-    """A stage uniformly among those still open, a kind of moment uniformly among those it has left,
-    then a target of that kind (a checkpoint step) uniformly."""
+def pick_target(rng: random.Random, point: tuple[int, int], aimed: Counter) -> Target | None:
+    """Among the (kind, stage) pairs still ahead, one of those aimed at least so far (ties at random),
+    then a target of it (a checkpoint step) at random: every moment of every stage gets its share,
+    though a run that is resumed can only be killed in the stages it has left."""
     targets = [t for found in feasible_targets(point).values() for t in found]
     if not targets:
         return None
-    name = rng.choice(sorted({t.stage for t in targets}))
-    kind = rng.choice(sorted({t.kind for t in targets if t.stage == name}))
-    return rng.choice([t for t in targets if t.stage == name and t.kind == kind])
+    fewest = min(aimed[t.kind, t.stage] for t in targets)
+    pairs = sorted({(t.kind, t.stage) for t in targets if aimed[t.kind, t.stage] == fewest})
+    kind, name = rng.choice(pairs)
+    target = rng.choice([t for t in targets if t.kind == kind and t.stage == name])
+    aimed[kind, name] += 1
+    return target
 
 
 def window(windows: Windows, target: Target) -> float:
@@ -292,7 +295,7 @@ def observed_moment(child: Child, out: Path, before: set[tuple[str, int, int]]) 
     if bar_time(child, name, False) is not None:
         return "training", name
     earlier = any(bar_time(child, n, False) is not None for n in STAGES[:finished])
-    return ("hand-off" if earlier else "startup"), name
+    return ("hand-off into" if earlier else "startup"), name
 
 
 def weights_difference(out: Path, reference: Path) -> float:
@@ -391,6 +394,7 @@ class Sweep:
     windows: Windows
     kills: int
     log: Callable[[str], None]
+    aimed: Counter = field(default_factory=Counter)  # kills aimed so far, by (kind, stage)
 
 
 def next_target(
@@ -400,7 +404,7 @@ def next_target(
     if plan is not None:
         return plan.pop(0) if plan else None
     if len(result.kills) < sweep.kills and (kills_here == 0 or sweep.rng.random() < 0.5):
-        return pick_target(sweep.rng, resume_point(out))
+        return pick_target(sweep.rng, resume_point(out), sweep.aimed)
     return None
 
 
