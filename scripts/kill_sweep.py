@@ -203,16 +203,24 @@ class Target:
 
 
 def resume_point(out: Path) -> tuple[int, int]:
-    """(finished stages, newest checkpoint step of the open stage that passes the resume check)."""
-    finished = 0
-    while finished < len(STAGES) and (out / STAGES[finished] / "summary.json").is_file():
-        finished += 1
-    if finished == len(STAGES):
+    """(finished stages, newest checkpoint step of the open stage that passes the resume check).
+
+    Read while the run may be pruning: a checkpoint that vanishes while it is checked means a newer
+    one has just been renamed in, so the whole reading starts again.
+    """
+    while True:
+        finished = 0
+        while finished < len(STAGES) and (out / STAGES[finished] / "summary.json").is_file():
+            finished += 1
+        if finished == len(STAGES):
+            return finished, 0
+        try:
+            for step, folder in reversed(step_folders(out / STAGES[finished] / "checkpoints")):
+                if checkpoint_problem(folder) is None:
+                    return finished, step
+        except FileNotFoundError:
+            continue
         return finished, 0
-    for step, folder in reversed(step_folders(out / STAGES[finished] / "checkpoints")):
-        if checkpoint_problem(folder) is None:
-            return finished, step
-    return finished, 0
 
 
 def feasible_targets(point: tuple[int, int]) -> dict[str, list[Target]]:
