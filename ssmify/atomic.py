@@ -20,8 +20,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path` (named for this process), then rename it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written temporary behind
+        raise
 
 
 def is_nonempty_dir(path: Path) -> bool:

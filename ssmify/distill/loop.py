@@ -35,7 +35,14 @@ from ssmify.cards import (  # a stage folder with summary.json (written last) is
     distillation_history,
 )
 from ssmify.convert.convert import model_card
-from ssmify.distill.checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint, write_json_atomic
+from ssmify.disk_full import stop_when_disk_full
+from ssmify.distill.checkpoints import (
+    load_checkpoint,
+    newest_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
 from ssmify.distill.data import Blocks, DistillData
 from ssmify.distill.objectives import build_objective
 from ssmify.distill.recipe import Recipe, Stage, stage_dir_name, stage_seq_len
@@ -178,7 +185,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     validation = validation_set(ctx.data.validation, stage, plan)
 
     checkpoints = ctx.stage_dir / "checkpoints"
-    resume_from = newest_checkpoint(checkpoints) if resume else None
+    resume_from = resume_checkpoint(accelerator, checkpoints) if resume else None
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from)  # its "seconds" are the earlier sessions'
         if main:
@@ -197,46 +204,50 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     )
     train_start, train_steps = time.perf_counter(), 0
     model.train()
-    for step in range(progress["step"], plan.steps):
-        lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm = train_step(model, objective, ctx.teacher, ctx.data.train, step, plan, accelerator)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            bad = "loss" if not math.isfinite(loss) else "gradient norm"
-            last = newest_checkpoint(checkpoints)
-            where = (
-                f"the last good checkpoint is {last} (continue it with --resume, e.g. after lowering lr)"
-                if last is not None
-                else f"no checkpoint was written yet; the stage starts again from {ctx.start_dir}"
+    try:  # the bar is closed before an error message, so that the message is the last line
+        for step in range(progress["step"], plan.steps):
+            lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(
+                model, objective, ctx.teacher, ctx.data.train, step, plan, accelerator
             )
-            raise SsmifyError(
-                f"{ctx.stage_dir.name}: the {bad} became {loss if bad == 'loss' else grad_norm} at step "
-                f"{step + 1}; stopped without saving it, and {where}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        progress["step"] = done
-        progress["losses"].append(loss)
-        train_steps += 1
-        tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-        if tracking and done % stage.log_every == 0:
-            accelerator.log(
-                {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
-            )
-        if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
-            val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
-            progress["val_losses"].append([done, val])
-            if tracking:
-                accelerator.log({"val_loss": val}, step=done)
-        if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
-            progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
-            save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
-            flush_trackers(accelerator.trackers)  # what a resume continues from is logged on disk too
-    bar.close()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                bad = "loss" if not math.isfinite(loss) else "gradient norm"
+                last = newest_checkpoint(checkpoints)
+                hint = (
+                    f"the last good checkpoint is {last} (continue it with --resume, e.g. after lowering lr)"
+                    if last is not None
+                    else f"no checkpoint was written yet; the stage starts again from {ctx.start_dir}"
+                )
+                raise SsmifyError(
+                    f"{ctx.stage_dir.name}: the {bad} became {loss if bad == 'loss' else grad_norm} at step "
+                    f"{step + 1}; stopped without saving it, and {hint}"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            progress["step"] = done
+            progress["losses"].append(loss)
+            train_steps += 1
+            tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            if tracking and done % stage.log_every == 0:
+                accelerator.log(
+                    {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
+                )
+            if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
+                val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
+                progress["val_losses"].append([done, val])
+                if tracking:
+                    accelerator.log({"val_loss": val}, step=done)
+            if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
+                progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
+                save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
+                flush_trackers(accelerator.trackers)  # what a resume continues from is logged on disk too
+    finally:
+        bar.close()
 
     val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
     progress["val_losses"].append([plan.steps, val])
@@ -262,10 +273,15 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         fresh = load_student(ctx.start_dir)
         fresh_objective = build_objective(stage, fresh, where)
         fresh_objective.load_state_dict(state)
-        save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
-        earlier = distillation_history(ctx.start_dir)
-        write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
-        write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
+        last = newest_checkpoint(checkpoints)
+        intact = f"checkpoint {last} is intact" if last is not None else "it wrote no checkpoint"
+        with stop_when_disk_full(
+            ctx.stage_dir, "the stage's student", f"{intact}; free some space and --resume"
+        ):
+            save_student(fresh_objective, fresh, ctx.stage_dir, ctx.tokenizer)
+            earlier = distillation_history(ctx.start_dir)
+            write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
+            write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
         if tracking:
             accelerator.log({"val_loss": val}, step=plan.steps)
     accelerator.wait_for_everyone()

@@ -51,12 +51,16 @@ def save_student(objective: nn.Module, student: nn.Module, folder: Path, tokeniz
     tmp = folder / ".student-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    adapted = adapted_model(objective)
-    if adapted is not None:
-        save_adapter(adapted, tmp / ADAPTER_DIR)
-    final = trained_student(objective, student)
-    final.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        adapted = adapted_model(objective)
+        if adapted is not None:
+            save_adapter(adapted, tmp / ADAPTER_DIR)
+        final = trained_student(objective, student)
+        final.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not stay full of a half-written student
+        raise
     for item in tmp.iterdir():
         if (folder / item.name).is_dir():
             shutil.rmtree(folder / item.name)
