@@ -18,6 +18,7 @@ from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.export.card import model_card
 from ssmify.export.checks import choose_target
+from ssmify.export.engines.verify import engines_to_verify, verify_in_engines
 from ssmify.export.spec import read_student
 from ssmify.export.targets import TARGETS
 from ssmify.export.verify import TOLERANCE, verify_parity
@@ -32,15 +33,18 @@ def export(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    verify_engine: str | None = None,
 ) -> Path:
     """Write `student` to `out` as a checkpoint of a native transformers architecture; return `out`.
 
     student: a student folder (from convert or distill) or a loaded student model (then pass its
-    `tokenizer`, if it should travel with the export). target: "auto" (the first of bamba,
-    granitemoehybrid, falcon_h1 that holds the student exactly) or one of those names. A student
-    that the target cannot hold exactly is refused with the reason. The folder is written atomically,
-    loaded back and compared with the student (`verify_parity`: full-forward logits, cached decoding and
-    RoPE, exact in float64 and within float32 rounding as saved); if they differ, nothing is written.
+    `tokenizer`, if it should travel with the export). target: "auto" (the target that the most engines
+    run exactly; `checks.choose_target`), an engine ("vllm", "llama.cpp": a target it runs exactly) or a
+    target's name. A student that the target cannot hold exactly is refused with the reason. The folder
+    is written atomically, loaded back and compared with the student (`verify_parity`: full-forward
+    logits, cached decoding and RoPE, exact in float64 and within float32 rounding as saved); if they
+    differ, nothing is written. verify_engine: "vllm", "llama.cpp", "all" or a comma-separated list: also
+    run the export in those engines (`engines.verify`) before it is written, and refuse it if they differ.
     """
     if out is None:
         raise SsmifyError("--out: say where the export goes")
@@ -48,17 +52,24 @@ def export(
 
     if isinstance(student, PreTrainedModel):
         source = _in_memory_name(student)
-        name = choose_target(student.config, target)
+        config = student.config
+        name = choose_target(config, target)
+        engines = engines_to_verify(verify_engine, TARGETS[name], config)
         model, dtype = student, next(student.parameters()).dtype
     else:
         source = str(student)
         config = load_config(source)  # refuse from config.json alone, before the weights load
         name = choose_target(config, target)
+        engines = engines_to_verify(verify_engine, TARGETS[name], config)
         model, loaded_tokenizer = load_teacher(source, dtype=torch.float32)
         tokenizer = tokenizer or loaded_tokenizer
         dtype = resolve_dtype(str(config.dtype).removeprefix("torch.")) if config.dtype else torch.float32
 
     chosen = TARGETS[name]
+    running = chosen.engines_running(config)
+    log.info(
+        "exporting to %s (--to %s), which %s run exactly", name, target, ", ".join(running) or "no engine"
+    )
     # The comparison starts from fp32 (then float64); a half-precision student is compared through an fp32 copy.
     reference = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     was_training = reference.training
@@ -85,6 +96,10 @@ def export(
                 "dtype": str(dtype).removeprefix("torch."),
                 "parity": verify_parity(reference, exported.eval()),
                 "tolerance": TOLERANCE,
+                "engines_that_run_it": running,
+                "engines": verify_in_engines(_as_stored(reference, dtype), staging, engines)
+                if engines
+                else {},
                 "ssmify_version": version(),
             }
             (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -109,6 +124,18 @@ def export(
             "%s has no tokenizer: pass one, or copy the teacher's tokenizer files next to the export", out
         )
     return Path(out)
+
+
+def _as_stored(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The float32 student with its weights rounded to the export's storage dtype: what an engine that
+    upcasts the export to float32 computes, so that the engine comparison measures the engine alone."""
+    if dtype == torch.float32:
+        return model
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(dtype).float())
+    return rounded
 
 
 def _in_memory_name(student: PreTrainedModel) -> str:

@@ -90,7 +90,9 @@ def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
     log.flush()
     done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     if done.returncode:
-        raise SsmifyError(f"engine build step failed (exit {done.returncode}): {' '.join(cmd)}; see {log.name}")
+        raise SsmifyError(
+            f"engine build step failed (exit {done.returncode}): {' '.join(cmd)}; see {log.name}"
+        )
 
 
 def _pip(env: EngineEnv, *args: str) -> list[str]:
@@ -155,7 +157,10 @@ def main(argv: list[str]) -> int:
     names = argv or ["all"]
     unknown = [n for n in names if n not in ENVS and n != "all"]
     if unknown:
-        print(f"ssmify: error: unknown engine environment {unknown[0]!r}; choose from {', '.join(ENVS)} or all")
+        print(
+            f"ssmify: error: unknown engine environment {unknown[0]!r}; choose from {', '.join(ENVS)} or all",
+            file=sys.stderr,
+        )
         return 2
     try:
         for name in ENVS if "all" in names else names:

@@ -1,0 +1,66 @@
+"""Padding a mixer with whole groups of zero heads (to llama.cpp's expand 2) is exact: proven in transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export import student
+from transformers import BambaForCausalLM
+
+from ssmify.export.bamba import Bamba
+from ssmify.export.float64 import Float64Throughout, as_float64
+from ssmify.export.padding import pad_to_width
+from ssmify.export.spec import read_student
+from ssmify.mixers import Mamba2Config
+
+
+def bamba_pair(model, layers_to_perturb: int = 0) -> tuple[BambaForCausalLM, BambaForCausalLM]:
+    """The student exported to Bamba unpadded (its own width) and padded to expand 2, both loaded strictly."""
+    spec = read_student(model)
+    loaded = []
+    for target in (Bamba(pad_to_expand=None), Bamba()):
+        config, weights = target.build(spec)
+        bamba = BambaForCausalLM(config).eval()
+        bamba.load_state_dict(weights, strict=not config.tie_word_embeddings)
+        loaded.append(bamba)
+    return loaded[0], loaded[1]
+
+
+@pytest.mark.parametrize("layers", [[], [1]], ids=["pure-ssm", "hybrid"])
+def test_bamba_padded_to_expand_2_computes_exactly_what_the_unpadded_export_does(layers):
+    model = student("llama", layers)
+    plain, padded = bamba_pair(model)
+    assert (plain.config.mamba_expand, plain.config.mamba_n_heads, plain.config.mamba_n_groups) == (1, 4, 4)
+    assert (padded.config.mamba_expand, padded.config.mamba_n_heads, padded.config.mamba_n_groups) == (2, 8, 8)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))  # 2.5 chunks of 16
+    with torch.no_grad(), as_float64(plain), as_float64(padded), Float64Throughout():
+        expected, actual = plain(ids).logits, padded(ids).logits
+        assert (expected - actual).abs().max().item() <= 1e-12 * expected.abs().max().item()
+        kwargs = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+        a, b = plain.generate(ids[:1], **kwargs), padded.generate(ids[:1], **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    assert (torch.cat(a.logits) - torch.cat(b.logits)).abs().max().item() <= 1e-12 * expected.abs().max().item()
+
+
+def test_a_pad_head_that_reads_its_input_would_change_the_outputs():
+    """The control: the comparison above sees the pad heads, so a padding that is not zero fails it."""
+    plain, padded = bamba_pair(student("llama", [1]))
+    with torch.no_grad():
+        mixer = padded.model.layers[0].mamba  # width 64 padded to 128: heads 4..7, channels 64..127
+        mixer.in_proj.bias[64:128] = 1.0  # z: open the gate
+        mixer.conv1d.bias[64:128] = 1.0  # x: a nonzero input
+        mixer.D[4:] = 1.0  # y = D x
+        mixer.out_proj.weight[:, 64:] = 0.5
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (plain(ids).logits - padded(ids).logits).abs().max().item() > 1e-3
+
+
+def test_padding_adds_whole_groups_or_refuses():
+    mixer = Mamba2Config(d_model=64, n_heads=4, head_dim=16, d_state=16, n_groups=2)  # 2 heads per group
+    padding = pad_to_width(mixer, 128)
+    assert (padding.n_heads, padding.n_groups, padding.extra_heads, padding.extra_groups) == (8, 4, 4, 2)
+    assert (pad_to_width(mixer, 96).n_heads, pad_to_width(mixer, 96).n_groups) == (6, 3)  # one more group
+    one_group = Mamba2Config(d_model=64, n_heads=4, head_dim=16, d_state=16, n_groups=1)
+    assert pad_to_width(one_group, 96) is None  # 2 more heads would share the real group's norm
+    assert pad_to_width(mixer, 32) is None  # narrower than the mixer
