@@ -68,7 +68,10 @@ def export(
     chosen = TARGETS[name]
     running = chosen.engines_running(config)
     log.info(
-        "exporting to %s (--to %s), which %s run exactly", name, target, ", ".join(running) or "no engine"
+        "exporting to %s (--to %s); engines that run it exactly: %s",
+        name,
+        target,
+        ", ".join(running) or "none",
     )
     # The comparison starts from fp32 (then float64); a half-precision student is compared through an fp32 copy.
     reference = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
