@@ -1,15 +1,20 @@
-"""Padding a mixer with whole groups of zero heads (to llama.cpp's expand 2) is exact: proven in transformers."""
+"""Zero-padding mixers is exact, proven in transformers: whole groups of zero heads (llama.cpp's expand 2)
+and zero B/C rows of a larger d_state (`--pad-state`)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from test_export import student
 from transformers import BambaForCausalLM
 
+from ssmify.errors import SsmifyError
+from ssmify.export import export
 from ssmify.export.bamba import Bamba
 from ssmify.export.float64 import Float64Throughout, as_float64
-from ssmify.export.padding import pad_to_width
+from ssmify.export.padding import pad_state, pad_to_width
 from ssmify.export.spec import read_student
 from ssmify.mixers import Mamba2Config
 
@@ -72,3 +77,34 @@ def test_padding_adds_whole_groups_or_refuses():
     one_group = Mamba2Config(d_model=64, n_heads=4, head_dim=16, d_state=16, n_groups=1)
     assert pad_to_width(one_group, 96) is None  # 2 more heads would share the real group's norm
     assert pad_to_width(mixer, 32) is None  # narrower than the mixer
+
+
+@pytest.mark.parametrize("target", ["granitemoehybrid", "bamba"])
+def test_pad_state_grows_d_state_with_zero_b_and_c_rows_and_the_export_stays_exact(tmp_path, target):
+    folder = export(student("llama", [1]), target, tmp_path / "out", pad_state=32)  # d_state 16 -> 32
+    config = json.loads((folder / "config.json").read_text())
+    report = json.loads((folder / "export_report.json").read_text())
+    assert config["mamba_d_state"] == 32 and report["d_state"] == 32
+    assert report["parity"]["float64"]["forward"] <= 1e-12 * report["parity"]["logit_scale"]
+    assert report["parity"]["float64"]["decode"] <= 1e-12 * report["parity"]["logit_scale"]
+
+
+def test_a_state_row_that_reads_b_would_change_the_outputs():
+    """The control: with one padded B row and C row nonzero, the padded state is no longer silent."""
+    spec = read_student(student("llama", []))
+    padded = pad_state(spec, 32)
+    key = "model.layers.0.self_attn.mixer.in_proj.weight"
+    inner, groups = spec.mixer.n_heads * spec.mixer.head_dim, spec.mixer.n_groups
+    b_row, c_row = 2 * inner + 16, 2 * inner + groups * 32 + 16  # group 0's first padded B and C rows
+    assert not padded.weights[key][[b_row, c_row]].any()
+    assert torch.equal(
+        padded.weights[key][2 * inner : 2 * inner + 16], spec.weights[key][2 * inner : 2 * inner + 16]
+    )
+    assert torch.equal(
+        padded.weights[key][c_row - 16 : c_row], spec.weights[key][2 * inner + groups * 16 :][:16]
+    )
+
+
+def test_pad_state_below_the_students_d_state_is_one_line(tmp_path):
+    with pytest.raises(SsmifyError, match="^--pad-state 8 is below the student's d_state 16$"):
+        export(student("llama", [1]), "granitemoehybrid", tmp_path / "out", pad_state=8)

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
         help=f"also run the export in {', '.join(ENGINE_NAMES)} or all (comma-separated), in the venvs that "
         "`make engines` builds, and refuse it unless greedy tokens and logprobs match the student",
     )
+    parser.add_argument(
+        "--pad-state",
+        type=int,
+        metavar="N",
+        help="zero-pad the mixers' d_state to N, which is exact (llama.cpp's CUDA scan runs only 96, 128, 256)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="the export folder")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     parser.set_defaults(func=run)
@@ -41,5 +47,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ssmify.export.export import export
 
-    export(args.student, args.to, args.out, overwrite=args.overwrite, verify_engine=args.verify_engine)
+    export(
+        args.student,
+        args.to,
+        args.out,
+        overwrite=args.overwrite,
+        verify_engine=args.verify_engine,
+        pad_state=args.pad_state,
+    )
     return 0

@@ -29,6 +29,7 @@ from ssmify.export.base import (
 )
 from ssmify.export.padding import HeadPadding, pad_mixer, pad_to_width
 from ssmify.export.spec import StudentSpec, mixer_config
+from ssmify.mixers import Mamba2Config
 
 LAYER_MAP = [
     ("self_attn.mixer.", "mamba."),
@@ -49,21 +50,23 @@ class Bamba(ExportTarget):
     def model_class(self) -> type[BambaForCausalLM]:
         return BambaForCausalLM
 
-    def padding(self, config: PreTrainedConfig) -> HeadPadding | None:
+    def padding(self, mixer: Mamba2Config, hidden_size: int) -> HeadPadding | None:
         """The zero heads that widen the mixer to pad_to_expand * hidden_size; None if none can or need."""
         if self.pad_to_expand is None:
             return None
-        padding = pad_to_width(mixer_config(config), self.pad_to_expand * config.hidden_size)
+        padding = pad_to_width(mixer, self.pad_to_expand * hidden_size)
         return padding if padding and padding.extra_heads else None
 
     def problems(self, config: PreTrainedConfig) -> list[str]:
-        return [] if self.padding(config) else width_problems(config, self.architecture)
+        if self.padding(mixer_config(config), config.hidden_size):
+            return []
+        return width_problems(config, self.architecture)
 
     def make_config(self, spec: StudentSpec) -> BambaConfig:
         num_layers, attention = self.layer_plan(spec)
         fields = common_fields(spec, num_layers)
         fields["rope_parameters"]["partial_rotary_factor"] = spec.rotary_factor
-        width, padding = spec.mixer_width, self.padding(spec.config)
+        width, padding = spec.mixer_width, self.padding(spec.mixer, spec.config.hidden_size)
         if padding:
             fields |= {"mamba_n_heads": padding.n_heads, "mamba_n_groups": padding.n_groups}
             width = padding.n_heads * spec.mixer.head_dim
@@ -77,7 +80,7 @@ class Bamba(ExportTarget):
 
     def make_weights(self, spec: StudentSpec, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         weights = rename(spec.weights, LAYER_MAP, TOP_MAP)
-        padding = self.padding(spec.config)
+        padding = self.padding(spec.mixer, spec.config.hidden_size)
         if padding:
             for layer in range(spec.num_layers):
                 if f"model.layers.{layer}.mamba.in_proj.weight" in weights:

@@ -19,6 +19,7 @@ from ssmify.errors import SsmifyError
 from ssmify.export.card import model_card
 from ssmify.export.checks import choose_target
 from ssmify.export.engines.verify import engines_to_verify, verify_in_engines
+from ssmify.export.padding import pad_state as zero_pad_state
 from ssmify.export.spec import read_student
 from ssmify.export.targets import TARGETS
 from ssmify.export.verify import TOLERANCE, verify_parity
@@ -34,6 +35,7 @@ def export(
     overwrite: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     verify_engine: str | None = None,
+    pad_state: int | None = None,
 ) -> Path:
     """Write `student` to `out` as a checkpoint of a native transformers architecture; return `out`.
 
@@ -45,6 +47,8 @@ def export(
     logits, cached decoding and RoPE, exact in float64 and within float32 rounding as saved); if they
     differ, nothing is written. verify_engine: "vllm", "llama.cpp", "all" or a comma-separated list: also
     run the export in those engines (`engines.verify`) before it is written, and refuse it if they differ.
+    pad_state: zero-pad every mixer's d_state to this size (exact; llama.cpp's CUDA scan runs only 96, 128
+    and 256).
     """
     if out is None:
         raise SsmifyError("--out: say where the export goes")
@@ -79,6 +83,12 @@ def export(
     reference.eval()
     try:
         spec = read_student(reference)
+        if pad_state is not None:
+            if pad_state < spec.mixer.d_state:
+                raise SsmifyError(
+                    f"--pad-state {pad_state} is below the student's d_state {spec.mixer.d_state}"
+                )
+            spec = zero_pad_state(spec, pad_state)
         export_config, weights = chosen.build(spec)
         export_config.dtype = dtype
         weights = {key: value.to(dtype).contiguous() for key, value in weights.items()}
@@ -96,6 +106,7 @@ def export(
                 "architecture": chosen.architecture,
                 "attention_layers": spec.attention_layers,
                 "export_attention_layers": chosen.layer_plan(spec)[1],
+                "d_state": spec.mixer.d_state,
                 "dtype": str(dtype).removeprefix("torch."),
                 "parity": verify_parity(reference, exported.eval()),
                 "tolerance": TOLERANCE,

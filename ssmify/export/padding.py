@@ -1,4 +1,5 @@
-"""Exact zero-padding of Mamba-2 mixers: extra groups of heads, so that an engine's fixed shape fits.
+"""Exact zero-padding of Mamba-2 mixers: extra groups of heads, or a larger d_state, so that an engine's
+fixed shapes fit.
 
 llama.cpp's granite-hybrid runs only mamba expand 2 (d_inner = 2 * hidden_size), and ssmify's mixers have
 d_inner = n_heads * head_dim, often hidden_size. Padding adds whole groups of heads whose x, B, C, z and dt
@@ -6,15 +7,23 @@ rows of in_proj, conv channels, conv bias, D and out_proj columns are zero: each
 its output is 0 whatever its state; its z = 0 gates it to 0; and its group of the gated RMSNorm holds only
 those zeros (0 * rsqrt(0 + eps) = 0), so the real groups' norms are untouched. out_proj then adds nothing.
 The padded mixer computes exactly what the unpadded one does, which tests/test_export_padding.py checks.
+
+`pad_state` grows d_state (llama.cpp's CUDA scan runs only d_state 96, 128 or 256) with zero rows of B and
+C in every group: B = 0 writes nothing into the new state rows, and C = 0 reads nothing out of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
 
+from ssmify.export.spec import StudentSpec
 from ssmify.mixers import Mamba2Config
+
+_MIXER_KEY = re.compile(r"(model\.layers\.\d+\.self_attn\.mixer\.)in_proj\.weight$")
 
 
 @dataclass(frozen=True)
@@ -80,3 +89,39 @@ def _pad_segments(tensor: torch.Tensor, segments: list[tuple[int, int]], fill: f
     for part, (_, extra) in zip(tensor.split([size for size, _ in segments]), segments):
         parts += [part, part.new_full((extra, *part.shape[1:]), fill)]
     return torch.cat(parts)
+
+
+def pad_state(spec: StudentSpec, d_state: int) -> StudentSpec:
+    """The student with every mixer's d_state zero-padded to `d_state` (at least the current one)."""
+    m = spec.mixer
+    extra = d_state - m.d_state
+    if extra <= 0:
+        return spec
+    inner, groups = m.n_heads * m.head_dim, m.n_groups
+    weights = dict(spec.weights)
+    for key in list(weights):
+        match = _MIXER_KEY.match(key)
+        if not match:
+            continue
+        prefix = match.group(1)
+        for name, offset in (
+            ("in_proj.weight", inner),
+            ("in_proj.bias", inner),
+            ("conv1d.weight", 0),
+            ("conv1d.bias", 0),
+        ):
+            if prefix + name in weights:
+                weights[prefix + name] = _pad_state_rows(
+                    weights[prefix + name], offset + inner, groups, m.d_state, extra
+                )
+    return dataclasses.replace(spec, mixer=dataclasses.replace(m, d_state=d_state), weights=weights)
+
+
+def _pad_state_rows(tensor: torch.Tensor, start: int, groups: int, d_state: int, extra: int) -> torch.Tensor:
+    """Rows `start ...` hold B then C, each `groups` blocks of `d_state` rows; append `extra` zero rows to each block."""
+    head, rest = tensor[:start], tensor[start:]
+    bc, tail = rest[: 2 * groups * d_state], rest[2 * groups * d_state :]
+    blocks = []
+    for block in bc.split(d_state):
+        blocks += [block, block.new_zeros((extra, *block.shape[1:]))]
+    return torch.cat([head, *blocks, tail])
