@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 engines: install
 	$(BIN)/python -m ssmify.export.engines.envs all
 
-test: install
+# The tests marked `engines` run exports in those venvs, so `make test` builds them first (once per machine).
+test: install engines
 	$(BIN)/python -m pytest -q
 
 demo: install
