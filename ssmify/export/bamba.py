@@ -76,6 +76,9 @@ class Bamba(ExportTarget):
             mamba_expand=width // spec.config.hidden_size,
             mlp_bias=spec.mlp_bias,
             attn_rotary_emb=int(spec.head_dim * spec.rotary_factor),
+            # Not a Bamba field: llama.cpp's converter writes a student with no mixer as plain Granite,
+            # whose loader requires a logit scale; 1.0 is neutral, and transformers' Bamba ignores it.
+            logits_scaling=1.0,
         )
 
     def make_weights(self, spec: StudentSpec, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 `python llamacpp_runner.py REQUEST.json RESULT.json`. The request: {"model": a GGUF file, "prompts": [[token
 ids]], "new_tokens": n, "max_model_len": n, "threads": n}. The result has the layout of vllm_runner.py's:
 {"versions", "seconds", "outputs": [{"tokens", "logprobs", "prompt_logprobs"}]}. Logprobs are the
-log-softmax of llama.cpp's own logits (`logits_all`), over the whole vocabulary it holds. This file imports
+log-softmax of llama.cpp's own logits (`logits_all`), over the whole vocabulary it holds. The KV cache is
+float32, like the GGUF. This file imports
 nothing from ssmify, which is not installed in that venv.
 """
 
@@ -31,6 +32,8 @@ def main(request_path: str, result_path: str) -> None:
         n_ctx=request["max_model_len"],
         n_threads=request["threads"],
         logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F32,  # the KV cache is float16 by default: about 1e-2 off in logprobs
+        type_v=llama_cpp.GGML_TYPE_F32,
         verbose=False,
         seed=0,
     )
