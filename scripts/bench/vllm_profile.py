@@ -3,9 +3,9 @@
     ~/.cache/ssmify/engines/vllm/bin/python scripts/bench/vllm_profile.py EXPORT_DIR --batch 16 --length 512
 
 The engine runs in this process (no engine-core or worker subprocesses), so torch.profiler sees every
-operator of the forward passes. It prefills the batch (max_tokens=1, not profiled), then profiles a
-generate of --new-tokens, and prints the wall time, the decode time per step, and the operators with the
-most self CPU time. Settings as in ssmify's engine check: float32, eager, no prefix caching.
+operator of the forward passes. It adds the batch, runs the first engine step (the prefill, not profiled), profiles
+the remaining engine steps, and prints the time per decode step and the operators with the most self CPU
+time (decode steps only: the first engine step, the batch's prefill, is left out). Settings as in ssmify's engine check: float32, eager, no prefix caching.
 """
 
 import argparse
@@ -47,20 +47,22 @@ def main() -> None:
         {"prompt_token_ids": [rng.randrange(10, 30000) for _ in range(args.length)]}
         for _ in range(args.batch)
     ]
-    timing = {}
-    for new in (1, args.new_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False)
-        if new == 1:
-            start = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-        else:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                start = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-        timing[new] = time.perf_counter() - start
-    step = (timing[args.new_tokens] - timing[1]) / (args.new_tokens - 1)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    start = time.perf_counter()
+    engine.step()  # the prefill of the whole batch and the first token: not profiled
+    prefill = time.perf_counter() - start
+    steps = 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        decode = time.perf_counter() - start
     print(
-        f"prefill+1 {timing[1]:.2f} s; {args.new_tokens} tokens {timing[args.new_tokens]:.2f} s; ~{step:.3f} s per decode step"
+        f"prefill + first token {prefill:.2f} s; {steps} decode steps {decode:.2f} s: {decode / steps:.3f} s per step"
     )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
 
