@@ -163,3 +163,17 @@ def test_a_differing_engine_token_fails_with_engine_prompt_and_position():
     assert str(mismatch.value).startswith(
         f"vllm: prompt 1 ({len(prompts[1])} tokens): the greedy tokens differ first at generated position 2"
     )
+
+
+def test_llama_cpp_exports_warn_where_its_cuda_scan_would_fall_back_and_pad_state_128_clears_it(
+    tmp_path, caplog
+):
+    model = without_mixer_biases(student("llama", [1]))  # d_state 16
+    export(model, "llama.cpp", tmp_path / "plain")
+    assert (
+        "CUDA SSM scan runs d_state 96/128/256" in caplog.text and "this export has d_state 16" in caplog.text
+    )
+    caplog.clear()
+    folder = export(model, "llama.cpp", tmp_path / "padded", pad_state=128)
+    assert "CUDA SSM" not in caplog.text
+    assert json.loads((folder / "config.json").read_text())["mamba_d_state"] == 128

@@ -70,3 +70,23 @@ def engine_problems(
     if engine not in engines:
         return [NOT_RUN.get((target, engine), f"{engine} does not run {target}")]
     return RULES[engine](config)
+
+
+def llamacpp_cuda_warnings(config: PreTrainedConfig, d_state: int) -> list[str]:
+    """Where llama.cpp's CUDA build would run this export's Mamba-2 ops on the CPU instead (read from its
+    source, not run: no GPU here): SSM_SCAN needs d_state 96, 128 or 256 and head_dim % 16 == 0; SSM_CONV
+    needs its channel count (d_inner + 2 * n_groups * d_state, after padding to expand 2) % 128 == 0."""
+    mixer, warnings = mixer_config(config), []
+    if d_state not in (96, 128, 256) or mixer.head_dim % 16:
+        warnings.append(
+            f"llama.cpp's CUDA SSM scan runs d_state 96/128/256 with head_dim % 16 == 0, and this export has "
+            f"d_state {d_state}, head_dim {mixer.head_dim} (--pad-state 128 pads d_state exactly)"
+        )
+    padding = pad_to_width(mixer, 2 * config.hidden_size)
+    if padding is not None:
+        channels = 2 * config.hidden_size + 2 * padding.n_groups * d_state
+        if channels % 128:
+            warnings.append(
+                f"llama.cpp's CUDA SSM conv needs channels % 128 == 0, and this export has {channels}"
+            )
+    return warnings

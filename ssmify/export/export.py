@@ -18,6 +18,7 @@ from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.export.card import model_card
 from ssmify.export.checks import choose_target
+from ssmify.export.engine_rules import llamacpp_cuda_warnings
 from ssmify.export.engines.verify import engines_to_verify, verify_in_engines
 from ssmify.export.padding import pad_state as zero_pad_state
 from ssmify.export.spec import read_student
@@ -89,6 +90,9 @@ def export(
                     f"--pad-state {pad_state} is below the student's d_state {spec.mixer.d_state}"
                 )
             spec = zero_pad_state(spec, pad_state)
+        if "llama.cpp" in running:
+            for warning in llamacpp_cuda_warnings(config, spec.mixer.d_state):
+                log.warning("%s: on a GPU those ops fall back to the CPU", warning)
         export_config, weights = chosen.build(spec)
         export_config.dtype = dtype
         weights = {key: value.to(dtype).contiguous() for key, value in weights.items()}
