@@ -80,6 +80,14 @@ def test_a_qwen2_student_with_biases_runs_in_vllm(tmp_path):
 
 
 @pytest.mark.engines
+@needs_vllm
+def test_a_mixer_wider_than_granite_can_hold_goes_to_vllm_as_falcon_h1(tmp_path):
+    model = student("llama", [1], **{**ENGINE_STUDENT, "head_dim": 80})  # mixer 4 x 80 = 320, hidden 128
+    folder = export(model, "vllm", tmp_path / "out", verify_engine="vllm")
+    check_engine_report(folder, "vllm", "FalconH1ForCausalLM")
+
+
+@pytest.mark.engines
 @needs_llamacpp
 @pytest.mark.parametrize("plan", PLANS)
 def test_llama_students_run_in_stock_llama_cpp_with_the_students_tokens_and_logprobs(tmp_path, plan):

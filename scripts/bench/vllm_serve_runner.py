@@ -1,17 +1,24 @@
 """Runs inside the vLLM venv (ssmify's `make engines`): times one model at the batch sizes and prompt lengths asked.
 
 `python vllm_serve_runner.py REQUEST.json RESULT.json`. Request: {"model", "batches": [..], "lengths": [..],
-"new_tokens", "vocab_size", "profile": bool}. For each (batch, length): random prompts of ordinary tokens,
-then `generate` with max_tokens=1 (time to first token: the prefill of the whole batch) and with
-max_tokens=new_tokens; decode tokens/s = batch * (new_tokens - 1) / (the difference). Also what vLLM
-reserved for its KV/state cache (blocks x block size), and with "profile" a torch profile of the decode
-steps' top operators. Settings as in ssmify's engine check: float32, eager, no prefix caching.
+"new_tokens", "repeats", "vocab_size"}. After one untimed warm-up generate, for each (batch, length): random
+prompts of ordinary tokens, then `generate` with max_tokens=1 (time to first token: the prefill of the
+whole batch) and with max_tokens=new_tokens, each the fastest of `repeats` runs; decode tokens/s = batch *
+(new_tokens - 1) / (the difference). Also what vLLM reserved for its KV/state cache (blocks x block size).
+Settings as in ssmify's engine check: float32, eager, no prefix caching.
 """
 
 import json
 import os
 import sys
 import time
+
+
+def timed(llm, prompts: list[dict], params) -> float:
+    """Seconds for one `generate` of the whole batch."""
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start
 
 
 def main(request_path: str, result_path: str) -> None:
@@ -36,6 +43,8 @@ def main(request_path: str, result_path: str) -> None:
         seed=0,
     )
     startup = time.monotonic() - start
+    warmup = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": [10] * 16}], warmup, use_tqdm=False)  # first-call costs, untimed
     rng = random.Random(0)
     rows = []
     for length in request["lengths"]:
@@ -47,9 +56,7 @@ def main(request_path: str, result_path: str) -> None:
             timing = {}
             for new in (1, request["new_tokens"]):
                 params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False)
-                t0 = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-                timing[new] = time.perf_counter() - t0
+                timing[new] = min(timed(llm, prompts, params) for _ in range(request["repeats"]))
             decode = timing[request["new_tokens"]] - timing[1]
             rows.append(
                 {

@@ -22,7 +22,6 @@ NOT_RUN = {
         "granitemoehybrid",
         "llama.cpp",
     ): "llama.cpp's converter keeps RoPE only for BambaForCausalLM, so it would drop this export's RoPE",
-    ("falcon_h1", "vllm"): "no test has run a Falcon-H1 export in vLLM yet",
     ("falcon_h1", "llama.cpp"): "no test has run a Falcon-H1 export in llama.cpp yet",
 }
 

@@ -9,5 +9,6 @@ from ssmify.export.granitemoehybrid import GraniteMoeHybrid
 
 # `--to auto` picks the target that the most engines run exactly for the student (`engine_rules.py`); on a
 # tie, the first here. GraniteMoeHybrid first: vLLM runs it (it removed Bamba). Bamba next: llama.cpp runs
-# it, padded to expand 2. Falcon-H1 last: exact too, but it keeps a KV cache and a dead branch in every layer.
+# it, padded to expand 2. Falcon-H1 last: vLLM runs it too, but it keeps a KV cache and a dead branch in
+# every layer.
 TARGETS: dict[str, ExportTarget] = {t.name: t for t in (GraniteMoeHybrid(), Bamba(), FalconH1())}
