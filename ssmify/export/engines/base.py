@@ -34,7 +34,8 @@ class Engine:
     def run(self, export_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict:
         """Run the export in the engine's venv on `prompts` (token ids), greedy; the runner's result dict.
 
-        The engine's output goes to a log kept in a temporary folder, which a failure names."""
+        The engine's output goes to a log kept in a temporary folder, which a failure names; a model the
+        engine converted (llama.cpp's GGUF) is deleted after a run that succeeds."""
         python = self.env.require()
         workdir = Path(tempfile.mkdtemp(prefix=f"ssmify-{self.env.name}-"))
         log = workdir / "engine.log"
@@ -55,6 +56,9 @@ class Engine:
             ],
             log,
         )
+        for path in workdir.iterdir():  # keep the log, request and result; drop converted models (GGUF)
+            if path.suffix not in (".log", ".json"):
+                path.unlink()
         return {**json.loads((workdir / "result.json").read_text()), "log": str(log)}
 
     def _call(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
