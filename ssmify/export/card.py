@@ -66,8 +66,20 @@ def model_card(target: ExportTarget, spec: StudentSpec, source: str, report: dic
         "",
         "## Serving",
         "",
-        f"Engines with a `{target.architecture}` implementation: {target.engines}. ssmify has not run them "
-        "on this export; see the ssmify README for what is known about each.",
+        f"Engines that run this export exactly, by ssmify's engine tests: "
+        f"{', '.join(report['engines_that_run_it']) or 'none'}. "
+        + (
+            "Run on this export (`--verify-engine`): "
+            + "; ".join(
+                f"{name} {run['versions']}, greedy tokens "
+                + ", ".join(p["tokens_matched"] for p in run["prompts"])
+                + f" on prompts of {', '.join(str(p['length']) for p in run['prompts'])} tokens"
+                for name, run in report["engines"].items()
+            )
+            + "."
+            if report.get("engines")
+            else "ssmify has not run this export in an engine (`ssmify export --verify-engine all` does)."
+        ),
     ]
     lines += distillation_section(distillation_history(source))
     return "\n".join(lines) + "\n"

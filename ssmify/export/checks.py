@@ -11,6 +11,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from ssmify.convert.student import MODEL_TYPE
 from ssmify.errors import SsmifyError
+from ssmify.export.engine_rules import ENGINE_NAMES
 from ssmify.export.spec import mixer_config
 from ssmify.export.targets import TARGETS
 
@@ -120,11 +121,24 @@ def check_exportable(student: PreTrainedModel | PreTrainedConfig, target: str) -
     """Raise a one-line SsmifyError saying why `student` cannot be exported exactly to `target`
     ("auto": to any target), and what can be exported; return None if it can."""
     config = getattr(student, "config", student)
-    if target != "auto" and target not in TARGETS:
-        raise SsmifyError(f"--to: {target!r} is not a target; choose auto or one of {', '.join(TARGETS)}")
+    if target != "auto" and target not in TARGETS and target not in ENGINE_NAMES:
+        raise SsmifyError(
+            f"--to: {target!r} is not a target; choose auto, an engine ({', '.join(ENGINE_NAMES)}) or one of "
+            f"{', '.join(TARGETS)}"
+        )
     problems = student_problems(config)
     if problems:
         raise SsmifyError(f"cannot export this student: {'; '.join(problems)}. ssmify exports {EXPORTABLE}")
+    if target in ENGINE_NAMES:
+        if not targets_for_engine(config, target):
+            reasons = "; ".join(
+                f"{name}: {'; '.join(t.problems(config) + t.engine_problems(config, target))}"
+                for name, t in TARGETS.items()
+            )
+            raise SsmifyError(
+                f"cannot export this student for {target}: no target runs it exactly there ({reasons})"
+            )
+        return
     if target == "auto":
         if not exportable_targets(config):
             reasons = "; ".join(f"{name}: {'; '.join(t.problems(config))}" for name, t in TARGETS.items())
@@ -139,7 +153,19 @@ def check_exportable(student: PreTrainedModel | PreTrainedConfig, target: str) -
         raise SsmifyError(f"cannot export this student to {target}: {'; '.join(problems)}; {alternative}")
 
 
+def targets_for_engine(student: PreTrainedModel | PreTrainedConfig, engine: str) -> list[str]:
+    """The targets whose export of `student` `engine` runs exactly, in `--to auto` order."""
+    config = getattr(student, "config", student)
+    return [name for name in exportable_targets(config) if not TARGETS[name].engine_problems(config, engine)]
+
+
 def choose_target(student: PreTrainedModel | PreTrainedConfig, target: str = "auto") -> str:
-    """The target to export to: `target` itself, or for "auto" the first that holds the student exactly."""
-    check_exportable(student, target)
-    return exportable_targets(student)[0] if target == "auto" else target
+    """The target to export to: `target` itself; for an engine name, the first target that engine runs
+    exactly; for "auto", the target the most engines run exactly (the first of TARGETS on a tie)."""
+    config = getattr(student, "config", student)
+    check_exportable(config, target)
+    if target in ENGINE_NAMES:
+        return targets_for_engine(config, target)[0]
+    if target == "auto":
+        return max(exportable_targets(config), key=lambda name: len(TARGETS[name].engines_running(config)))
+    return target

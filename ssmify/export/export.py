@@ -18,6 +18,9 @@ from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.export.card import model_card
 from ssmify.export.checks import choose_target
+from ssmify.export.engine_rules import llamacpp_cuda_warnings
+from ssmify.export.engines.verify import engines_to_verify, verify_in_engines
+from ssmify.export.padding import pad_state as zero_pad_state
 from ssmify.export.spec import read_student
 from ssmify.export.targets import TARGETS
 from ssmify.export.verify import TOLERANCE, verify_parity
@@ -32,15 +35,21 @@ def export(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    verify_engine: str | None = None,
+    pad_state: int | None = None,
 ) -> Path:
     """Write `student` to `out` as a checkpoint of a native transformers architecture; return `out`.
 
     student: a student folder (from convert or distill) or a loaded student model (then pass its
-    `tokenizer`, if it should travel with the export). target: "auto" (the first of bamba,
-    granitemoehybrid, falcon_h1 that holds the student exactly) or one of those names. A student
-    that the target cannot hold exactly is refused with the reason. The folder is written atomically,
-    loaded back and compared with the student (`verify_parity`: full-forward logits, cached decoding and
-    RoPE, exact in float64 and within float32 rounding as saved); if they differ, nothing is written.
+    `tokenizer`, if it should travel with the export). target: "auto" (the target that the most engines
+    run exactly; `checks.choose_target`), an engine ("vllm", "llama.cpp": a target it runs exactly) or a
+    target's name. A student that the target cannot hold exactly is refused with the reason. The folder
+    is written atomically, loaded back and compared with the student (`verify_parity`: full-forward
+    logits, cached decoding and RoPE, exact in float64 and within float32 rounding as saved); if they
+    differ, nothing is written. verify_engine: "vllm", "llama.cpp", "all" or a comma-separated list: also
+    run the export in those engines (`engines.verify`) before it is written, and refuse it if they differ.
+    pad_state: zero-pad every mixer's d_state to this size (exact; llama.cpp's CUDA scan runs only 96, 128
+    and 256).
     """
     if out is None:
         raise SsmifyError("--out: say where the export goes")
@@ -48,23 +57,42 @@ def export(
 
     if isinstance(student, PreTrainedModel):
         source = _in_memory_name(student)
-        name = choose_target(student.config, target)
+        config = student.config
+        name = choose_target(config, target)
+        engines = engines_to_verify(verify_engine, TARGETS[name], config)
         model, dtype = student, next(student.parameters()).dtype
     else:
         source = str(student)
         config = load_config(source)  # refuse from config.json alone, before the weights load
         name = choose_target(config, target)
+        engines = engines_to_verify(verify_engine, TARGETS[name], config)
         model, loaded_tokenizer = load_teacher(source, dtype=torch.float32)
         tokenizer = tokenizer or loaded_tokenizer
         dtype = resolve_dtype(str(config.dtype).removeprefix("torch.")) if config.dtype else torch.float32
 
     chosen = TARGETS[name]
+    running = chosen.engines_running(config)
+    log.info(
+        "exporting to %s (--to %s); engines that run it exactly: %s",
+        name,
+        target,
+        ", ".join(running) or "none",
+    )
     # The comparison starts from fp32 (then float64); a half-precision student is compared through an fp32 copy.
     reference = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     was_training = reference.training
     reference.eval()
     try:
         spec = read_student(reference)
+        if pad_state is not None:
+            if pad_state < spec.mixer.d_state:
+                raise SsmifyError(
+                    f"--pad-state {pad_state} is below the student's d_state {spec.mixer.d_state}"
+                )
+            spec = zero_pad_state(spec, pad_state)
+        if "llama.cpp" in running:
+            for warning in llamacpp_cuda_warnings(config, spec.mixer.d_state):
+                log.warning("%s: on a GPU those ops fall back to the CPU", warning)
         export_config, weights = chosen.build(spec)
         export_config.dtype = dtype
         weights = {key: value.to(dtype).contiguous() for key, value in weights.items()}
@@ -82,9 +110,14 @@ def export(
                 "architecture": chosen.architecture,
                 "attention_layers": spec.attention_layers,
                 "export_attention_layers": chosen.layer_plan(spec)[1],
+                "d_state": spec.mixer.d_state,
                 "dtype": str(dtype).removeprefix("torch."),
                 "parity": verify_parity(reference, exported.eval()),
                 "tolerance": TOLERANCE,
+                "engines_that_run_it": running,
+                "engines": verify_in_engines(_as_stored(reference, dtype), staging, engines)
+                if engines
+                else {},
                 "ssmify_version": version(),
             }
             (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -109,6 +142,18 @@ def export(
             "%s has no tokenizer: pass one, or copy the teacher's tokenizer files next to the export", out
         )
     return Path(out)
+
+
+def _as_stored(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The float32 student with its weights rounded to the export's storage dtype: what an engine that
+    upcasts the export to float32 computes, so that the engine comparison measures the engine alone."""
+    if dtype == torch.float32:
+        return model
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(dtype).float())
+    return rounded
 
 
 def _in_memory_name(student: PreTrainedModel) -> str:

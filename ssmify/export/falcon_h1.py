@@ -35,7 +35,7 @@ TOP_MAP = {"model.norm.weight": "model.final_layernorm.weight"}
 class FalconH1(ExportTarget):
     name = "falcon_h1"
     architecture = "FalconH1ForCausalLM"
-    engines = "vLLM and SGLang (Falcon-H1), llama.cpp (falcon-h1)"
+    engines = ("vllm",)
     adds_identity_layer = False  # every layer has attention
 
     def model_class(self) -> type[FalconH1ForCausalLM]:

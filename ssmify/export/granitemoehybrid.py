@@ -1,4 +1,4 @@
-"""GraniteMoeHybrid (`GraniteMoeHybridForCausalLM`), dense: the alternative to Bamba.
+"""GraniteMoeHybrid (`GraniteMoeHybridForCausalLM`), dense: the target for vLLM, which has no Bamba.
 
 With no experts its block is the Llama block with multipliers, all set to their neutral values
 (embedding, residual and logits multipliers 1, `attention_multiplier = head_dim ** -0.5`, the Llama
@@ -28,7 +28,7 @@ LAYER_MAP = [("self_attn.mixer.", "mamba.")]
 class GraniteMoeHybrid(ExportTarget):
     name = "granitemoehybrid"
     architecture = "GraniteMoeHybridForCausalLM"
-    engines = "vLLM and SGLang (GraniteMoeHybrid); llama.cpp converts it but runs hybrid Granite without RoPE"
+    engines = ("vllm",)
 
     def model_class(self) -> type[GraniteMoeHybridForCausalLM]:
         return GraniteMoeHybridForCausalLM
