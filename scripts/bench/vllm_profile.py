@@ -5,13 +5,18 @@
 The engine runs in this process (no engine-core or worker subprocesses), so torch.profiler sees every
 operator of the forward passes. It adds the batch, runs the first engine step (the prefill, not profiled), profiles
 the remaining engine steps, and prints the time per decode step and the operators with the most self CPU
-time (decode steps only: the first engine step, the batch's prefill, is left out). Settings as in ssmify's engine check: float32, eager, no prefix caching.
+time (decode steps only: the first engine step, the batch's prefill, is left out). Settings: ssmify's engine check's (`start_engine` in ssmify/export/engines/vllm_runner.py).
 """
 
 import argparse
 import os
 import random
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ssmify" / "export" / "engines"))
+from vllm_runner import start_engine  # noqa: E402  (ssmify is not installed in the vLLM venv)
 
 
 def main() -> None:
@@ -22,23 +27,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(
-        model=args.model,
-        dtype="float32",
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        skip_tokenizer_init=True,
+    llm = start_engine(
+        args.model,
+        2,
         max_model_len=args.length + args.new_tokens,
         max_num_seqs=args.batch,
         max_num_batched_tokens=args.length * args.batch,
         distributed_executor_backend="uni",
-        seed=0,
     )
     config = llm.llm_engine.vllm_config
     print(f"block_size {config.cache_config.block_size}, blocks {config.cache_config.num_gpu_blocks}")

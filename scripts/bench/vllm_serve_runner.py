@@ -5,13 +5,16 @@
 prompts of ordinary tokens, then `generate` with max_tokens=1 (time to first token: the prefill of the
 whole batch) and with max_tokens=new_tokens, each the fastest of `repeats` runs; decode tokens/s = batch *
 (new_tokens - 1) / (the difference). Also what vLLM reserved for its KV/state cache (blocks x block size).
-Settings as in ssmify's engine check: float32, eager, no prefix caching.
+Settings: ssmify's engine check's (`start_engine` in ssmify/export/engines/vllm_runner.py).
 """
 
 import json
-import os
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ssmify" / "export" / "engines"))
+from vllm_runner import start_engine  # noqa: E402  (ssmify is not installed in the vLLM venv)
 
 
 def timed(llm, prompts: list[dict], params) -> float:
@@ -22,25 +25,19 @@ def timed(llm, prompts: list[dict], params) -> float:
 
 
 def main(request_path: str, result_path: str) -> None:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     import random
 
     import vllm
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     request = json.loads(open(request_path).read())
     start = time.monotonic()
-    llm = LLM(
-        model=request["model"],
-        dtype="float32",
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        skip_tokenizer_init=True,
+    llm = start_engine(
+        request["model"],
+        4,
         max_model_len=max(request["lengths"]) + request["new_tokens"],
         max_num_seqs=max(request["batches"]),
         max_num_batched_tokens=max(request["lengths"]) * max(request["batches"]),
-        seed=0,
     )
     startup = time.monotonic() - start
     warmup = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, detokenize=False)

@@ -13,27 +13,37 @@ import os
 import sys
 import time
 
+SETTINGS = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "enable_prefix_caching": False,
+    "skip_tokenizer_init": True,
+    "seed": 0,
+}
+
+
+def start_engine(model: str, kvcache_gib: int, **sizes):
+    """vLLM on `model` with ssmify's settings (this check's, and the serving benchmark's and profile's, which
+    import this file by path): SETTINGS, `kvcache_gib` GiB of KV/state cache and no thread pinning, both
+    unless the environment says otherwise, and `sizes` (max_model_len, max_num_seqs, ...)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    from vllm import LLM
+
+    return LLM(model=model, **SETTINGS, **sizes)
+
 
 def main(request_path: str, result_path: str) -> None:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    request = json.loads(open(request_path).read())
+    start = time.monotonic()
+    llm = start_engine(
+        request["model"], 1, max_model_len=request["max_model_len"], max_num_seqs=len(request["prompts"])
+    )
     import torch
     import transformers
     import vllm
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    request = json.loads(open(request_path).read())
-    start = time.monotonic()
-    llm = LLM(
-        model=request["model"],
-        dtype="float32",
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        skip_tokenizer_init=True,
-        max_model_len=request["max_model_len"],
-        max_num_seqs=len(request["prompts"]),
-        seed=0,
-    )
     params = SamplingParams(
         temperature=0.0,
         max_tokens=request["new_tokens"],
