@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,12 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_distill_run import REPO, cli_error, free_port, max_difference, subprocess_env, weights
+from test_distill_run import (
+    cli_error,
+    distill_in_two_cpu_processes,
+    max_difference,
+    weights,
+)
 from test_distill_support import make_workspace, recipe_dict, stage, write_recipe
 from transformers import AutoModelForCausalLM
 
@@ -218,18 +221,7 @@ def test_two_cpu_processes_with_lora_give_the_weights_of_one_with_the_same_globa
     path = write_recipe(
         tmp_path / "recipe.yaml", recipe_dict(workspace, stages, output_dir=str(tmp_path / "two"))
     )
-    config = REPO / "recipes" / "accelerate" / "ddp.yaml"  # a GPU config, run on CPU: ACCELERATE_USE_CPU
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
-    launch += ["-m", "ssmify", "distill", str(path)]
-    result = subprocess.run(
-        launch,
-        cwd=REPO,
-        env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    distill_in_two_cpu_processes(path)
     run_recipe(parse_recipe(recipe_dict(workspace, stages, output_dir=str(tmp_path / "one"))))
     for name in STAGE_DIRS:
         two, one = (

@@ -161,15 +161,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_give_the_weights_of_one_with_the_same_global_batch(workspace, tmp_path):
-    stages = three_stages(trainable="all")
-    path = write_recipe(
-        tmp_path / "recipe.yaml", recipe_dict(workspace, stages, output_dir=str(tmp_path / "two"))
-    )
+def distill_in_two_cpu_processes(recipe: Path) -> None:
+    """`ssmify distill RECIPE` under `accelerate launch` with 2 processes on CPU (the shipped DDP config)."""
     config = REPO / "recipes" / "accelerate" / "ddp.yaml"  # a GPU config, run on CPU: ACCELERATE_USE_CPU
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
-    launch += ["-m", "ssmify", "distill", str(path)]
+    launch += ["-m", "ssmify", "distill", str(recipe)]
     result = subprocess.run(
         launch,
         cwd=REPO,
@@ -178,6 +175,14 @@ def test_two_cpu_processes_give_the_weights_of_one_with_the_same_global_batch(wo
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_cpu_processes_give_the_weights_of_one_with_the_same_global_batch(workspace, tmp_path):
+    stages = three_stages(trainable="all")
+    path = write_recipe(
+        tmp_path / "recipe.yaml", recipe_dict(workspace, stages, output_dir=str(tmp_path / "two"))
+    )
+    distill_in_two_cpu_processes(path)
     run_recipe(parse_recipe(recipe_dict(workspace, stages, output_dir=str(tmp_path / "one"))))
     for name in ("1-matrix", "2-hidden", "3-logits"):
         two, one = (

@@ -7,17 +7,13 @@ import copy
 import json
 import logging
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from test_distill_run import distill_in_two_cpu_processes
 from test_distill_support import (
     char_tokenizer,
     convert_student,
@@ -514,7 +510,6 @@ def test_layer_choices_score_gated_deltanet_mixers(choice):
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_two_cpu_processes_distil_a_gated_deltanet_student_as_one_does(tmp_path):
     """DDP: the matrix stage leaves v/g/out projections unused (materialize does not read them)."""
-    repo = Path(__file__).resolve().parents[1]
     write_teacher(tmp_path / "teacher")
     convert_student(tmp_path / "teacher", tmp_path / "student", mixer="gated_deltanet")
     write_corpus(tmp_path / "train.txt", 60, seed=0)
@@ -523,26 +518,7 @@ def test_two_cpu_processes_distil_a_gated_deltanet_student_as_one_does(tmp_path)
     path = write_recipe(
         tmp_path / "recipe.yaml", recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "two"))
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(repo / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
-    launch += [
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "ssmify",
-        "distill",
-        str(path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        launch, cwd=repo, env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    distill_in_two_cpu_processes(path)
     run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "one"))))
     for name in ("1-matrix", "2-hidden"):
         two, one = (load_file(str(tmp_path / run / name / "model.safetensors")) for run in ("two", "one"))
