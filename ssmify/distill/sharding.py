@@ -2,7 +2,7 @@
 
 accelerate (1.x) builds its FSDP state only for accelerator devices: launched with an FSDP config on CPU
 (ACCELERATE_USE_CPU=true, gloo), it leaves the plugin out and silently trains with DDP instead.
-`fsdp_on_cpu` switches that state to the plugin the launch config describes, so a CPU launch runs
+`fsdp_plugin_for_stage` switches that state to the plugin the launch config describes, so a CPU launch runs
 accelerate's own FSDP2 code paths (`fully_shard` per unit in `prepare`, gradient-sync control, DTensor
 gradient clipping, sharded `save_state`/`load_state`, the full state dict gathered on the main process),
 the ones a GPU launch runs; only the device (CPU) and the backend (gloo) differ. This is how the shipped
@@ -64,8 +64,9 @@ def shard_teacher(teacher: nn.Module, state: PartialState) -> nn.Module:
 
     Each decoder layer, then the root (embeddings, final norm, head), is `fully_shard`ed with
     reshard_after_forward, so outside a forward a process holds 1/N of every weight. Call it with the
-    teacher still on CPU: each layer moves to the device only as its shard. With one process there is
-    nothing to shard across; the teacher stays whole (a warning says so).
+    teacher still on CPU: `fully_shard` moves one layer at a time to the device and cuts it to its shard
+    there, so the whole teacher is never on one device. With one process there is nothing to shard
+    across; the teacher stays whole (a warning says so).
     """
     teacher.requires_grad_(False).eval()
     if state.num_processes == 1:
