@@ -172,6 +172,23 @@ def test_a_sharded_teacher_gives_the_whole_teachers_logits_attention_and_block_o
         assert found["logits_scale"] > 0.1  # the logits compared are not all zero
 
 
+def test_fsdp1_on_cpu_processes_is_refused_with_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ssmify.distill.sharding import fsdp_plugin_for_stage
+    from ssmify.errors import SsmifyError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no")
+    accelerator = SimpleNamespace(state=state, is_main_process=True, num_processes=2)
+    with pytest.raises(SsmifyError, match=r"fsdp_version 1 on CPU processes; only FSDP2 \(fsdp_version: 2\)"):
+        fsdp_plugin_for_stage(accelerator)
+    assert state.distributed_type == DistributedType.MULTI_CPU
+
+
 def compare_sharded_teacher(teacher_dir: str, out: str) -> None:
     """On each process: the outputs of the teacher sharded over the processes, minus the whole teacher's."""
     from ssmify.convert.probes import capture_blocks, teacher_attention
