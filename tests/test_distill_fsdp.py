@@ -28,11 +28,11 @@ STAGES = ("1-matrix", "2-hidden", "3-logits")
 PROBED_LAYERS = [0, 2]  # the tiny student's converted layers
 
 
-def launch(script: list[str], config: Path = FSDP_CONFIG, **popen) -> subprocess.Popen:
+def launch(script: list[str], **popen) -> subprocess.Popen:
     """`accelerate launch` of `script` with 2 CPU processes over gloo."""
     from test_distill_run import free_port, subprocess_env
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
     command += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
     return subprocess.Popen(
         command + script,
@@ -44,7 +44,7 @@ def launch(script: list[str], config: Path = FSDP_CONFIG, **popen) -> subprocess
 
 
 def kill_with_children(pid: int) -> None:
-    """SIGKILL the launcher and every process under it (the workers run in a session of their own)."""
+    """SIGKILL the launcher and every process under it (killing the launcher's process group misses the workers)."""
     import psutil  # accelerate's own dependency
 
     launcher = psutil.Process(pid)
