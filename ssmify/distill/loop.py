@@ -47,6 +47,7 @@ from ssmify.distill.data import Blocks, DistillData
 from ssmify.distill.objectives import build_objective
 from ssmify.distill.recipe import Recipe, Stage, stage_dir_name, stage_seq_len
 from ssmify.distill.schedules import lr_factor
+from ssmify.distill.sharding import fsdp_plugin_for_stage
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import load_student, save_student
 from ssmify.distill.tracking import flush_trackers, make_trackers, project_name
@@ -133,6 +134,7 @@ def make_accelerator(recipe: Recipe, plan: StagePlan) -> Accelerator:
     # A launch config's gradient_accumulation_steps (an environment variable) would override the
     # argument; the recipe's global batch decides it here.
     accelerator.gradient_accumulation_steps = plan.accumulation
+    fsdp_plugin_for_stage(accelerator)
     return accelerator
 
 

@@ -243,6 +243,7 @@ class Recipe(StrictModel):
     stages: list[Stage] = Field(min_length=1)
     trust_remote_code: bool = False
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    teacher_sharding: Literal["none", "fsdp"] = "none"  # fsdp: the frozen teacher sharded over the processes
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     keep_checkpoints: int = Field(2, ge=1)
     tracking: TrackingConfig = TrackingConfig()

@@ -31,6 +31,7 @@ from ssmify.distill.data import check_data_files, load_data
 from ssmify.distill.loop import SUMMARY_FILE, StageContext, plan_stage, train_stage
 from ssmify.distill.lora import check_lora_stages
 from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
+from ssmify.distill.sharding import shard_teacher
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import check_vocabulary
 from ssmify.distill.tracking import check_installed
@@ -86,7 +87,11 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> lis
     check_vocabulary(recipe.teacher, teacher, tokenizer, start)
     check_lora_stages(recipe, start)
     teacher.requires_grad_(False)
-    teacher.eval().to(state.device, dtype=getattr(torch, teacher_dtype(recipe)))
+    teacher.eval().to(dtype=getattr(torch, teacher_dtype(recipe)))
+    if recipe.teacher_sharding == "fsdp":
+        shard_teacher(teacher, state)  # from CPU, a layer at a time: fits where the whole teacher does not
+    else:
+        teacher.to(state.device)
     if first_open > 0:
         start = stage_dirs[first_open - 1]
         logger.info("stages 1-%d are finished; starting from %s", first_open, start)
