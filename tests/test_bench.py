@@ -242,8 +242,8 @@ def test_serve_times_the_teacher_and_its_exported_pure_ssm_in_vllm(tmp_path: Pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "serve.json").read_text())["results"]
-    assert list(results) == ["teacher", "pure SSM"]
-    for timing in results.values():
+    assert [(r["engine"], r["model"]) for r in results] == [("vllm", "teacher"), ("vllm", "pure SSM")]
+    for timing in results:
         assert [(row["batch"], row["length"]) for row in timing["rows"]] == [(1, 128), (2, 128)]
         assert all(row["decode_tok_s"] > 0 and row["ttft_s"] > 0 for row in timing["rows"])
-    assert "| pure SSM | 128 | 2 |" in result.stdout
+    assert "| vllm | f32 | pure SSM | 128 | 2 |" in result.stdout
