@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="vLLM only; llama.cpp: 1")
     parser.add_argument("--gguf-types", nargs="+", default=list(GGUF_TYPES), choices=list(GGUF_TYPES))
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama.cpp threads")
     parser.add_argument("--repeats", type=int, default=2, help="each timing is the fastest of this many runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -168,17 +169,17 @@ def main(argv: list[str] | None = None) -> int:
             cache = f"{result['num_blocks']} x {result['block_size']} blocks"
             results.append({"engine": "vllm", "weights": "f32", "model": name, "cache": cache, **result})
     if "llama.cpp" in args.engines:
-        python = LLAMACPP.require()
-        for name, folder in llamacpp_models(teacher, args.hybrid, args.out).items():
-            for kind in args.gguf_types:
-                model = gguf(folder, kind, args.out)
-                logging.info("timing %s (%s) in llama.cpp", name, model)
-                request = {**timing, "model": str(model), "vocab_size": vocab_size(folder)}
-                request |= {"threads": len(os.sched_getaffinity(0)), "kv_type": GGUF_TYPES[kind]}
-                result = run_runner(python, "llamacpp_serve_runner.py", request)
-                cache = f"{result['state_bytes'] / 2**20:.1f} MiB state ({GGUF_TYPES[kind]} KV)"
+        folders = llamacpp_models(teacher, args.hybrid, args.out)
+        for kind in args.gguf_types:
+            models = {name: str(gguf(folder, kind, args.out)) for name, folder in folders.items()}
+            logging.info("timing %s in llama.cpp, side by side", ", ".join(models.values()))
+            request = {**timing, "models": models, "vocab_size": vocab_size(teacher)}
+            request |= {"threads": args.threads, "kv_type": GGUF_TYPES[kind]}
+            result = run_runner(LLAMACPP.require(), "llamacpp_serve_runner.py", request)
+            for name, timed in result["models"].items():
+                cache = f"{timed['state_bytes'] / 2**20:.1f} MiB state ({GGUF_TYPES[kind]} KV)"
                 results.append(
-                    {"engine": "llama.cpp", "weights": kind, "model": name, "cache": cache, **result}
+                    {"engine": "llama.cpp", "weights": kind, "model": name, "cache": cache, **timed}
                 )
     (args.out / "serve.json").write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2))
     print(table(results))
