@@ -247,3 +247,19 @@ def test_serve_times_the_teacher_and_its_exported_pure_ssm_in_vllm(tmp_path: Pat
         assert [(row["batch"], row["length"]) for row in timing["rows"]] == [(1, 128), (2, 128)]
         assert all(row["decode_tok_s"] > 0 and row["ttft_s"] > 0 for row in timing["rows"])
     assert "| pure SSM | 128 | 2 |" in result.stdout
+
+
+def test_lean_parameters_counts_six_students_whose_totals_add_up():
+    stdout = run_script("lean_parameters.py", "--json")
+    rows = json.loads(stdout[stdout.index("[") :])
+    assert [(r["width"], r["gate"]) for r in rows] == [
+        (w, g) for w in ("full", "kv") for g in ("z", "mean", "none")
+    ]
+    for r in rows:  # a pure SSM of 2 layers: each attention swapped for a mixer
+        assert r["student"] == r["teacher"] + 2 * (r["mixer"] - r["attention"])
+        assert r["bias"] is (r["gate"] == "z")
+    by = {(r["width"], r["gate"]): r["mixer"] for r in rows}
+    for gate in ("z", "mean", "none"):
+        assert by["kv", gate] < by["full", gate]
+    for width in ("full", "kv"):
+        assert by[width, "none"] < by[width, "mean"] < by[width, "z"]
