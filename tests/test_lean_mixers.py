@@ -281,3 +281,31 @@ def test_convert_reports_parameters_that_a_count_by_hand_confirms(tmp_path, caps
     assert report["mixer_width"] == "kv" and report["gate"] == "mean"
     assert set(report["mean_gate"]) == {"0", "2", "3"}
     assert 0 <= report["mean_gate"]["0"]["nonpositive_fraction"] < 0.5
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("gate", ["mean", "none"])
+def test_a_kv_width_student_goes_through_the_three_distillation_stages(tmp_path, gate):
+    """matrix (materialize), hidden and logits each train the lean mixer, and the result loads."""
+    from safetensors.torch import load_file
+    from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+
+    from ssmify.distill.recipe import parse_recipe
+    from ssmify.distill.run import run_recipe
+
+    write_teacher(tmp_path / "teacher")
+    convert_student(tmp_path / "teacher", tmp_path / "student", mixer_width="kv", gate=gate)
+    write_corpus(tmp_path / "train.txt", 60, seed=0)
+    write_corpus(tmp_path / "held.txt", 8, seed=1)
+    stages = [stage("matrix", seq_len=16, tokens=256), stage("hidden", lr=1e-3), stage("logits", lr=1e-3)]
+    run_recipe(parse_recipe(recipe_dict(tmp_path, stages, keep_checkpoints=1)))
+
+    folders = [tmp_path / "student", *(tmp_path / "run" / s for s in ("1-matrix", "2-hidden", "3-logits"))]
+    key = "model.layers.0.self_attn.mixer.in_proj.weight"
+    stored = [load_file(str(folder / "model.safetensors"))[key] for folder in folders]
+    assert stored[0].shape == (64 * (gate == "mean") + 2 * 16 + 2 * 16 + 4 * 16 + 4, 64)
+    for before, after in zip(stored, stored[1:]):
+        assert not torch.equal(before, after)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "3-logits")
+    mixer = mixer_layers(student)[0]
+    assert mixer.config.n_kv_heads == 2 and mixer.in_proj.bias is None
