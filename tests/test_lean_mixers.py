@@ -309,3 +309,18 @@ def test_a_kv_width_student_goes_through_the_three_distillation_stages(tmp_path,
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "3-logits")
     mixer = mixer_layers(student)[0]
     assert mixer.config.n_kv_heads == 2 and mixer.in_proj.bias is None
+
+
+@pytest.mark.parametrize("width,gate", [("kv", "z"), ("kv", "mean"), ("kv", "none"), ("full", "none")])
+def test_lean_students_generate_the_same_with_and_without_the_cache_and_kv_state_is_smaller(width, gate):
+    student = kv_student(gate, [1], width)
+    ids = torch.randint(3, 120, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cached = student.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = student.generate(
+            ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False
+        )
+        assert torch.equal(cached, uncached)
+        state = mixer_layers(student)[0].allocate_state(1)
+    x_and_b = 2 * (2 if width == "kv" else 4) * 16  # x and B channels: 2 KV heads or 4 heads of 16
+    assert state.conv.shape == (1, x_and_b + 4 * 16, 4) and state.ssm.shape == (1, 4, 16, 16)
