@@ -305,10 +305,6 @@ BAD_INPUTS = {
     ),
     "unknown mixer width": (lambda tmp, t: [str(t), "--mixer-width", "half"], "--mixer-width: 'half'"),
     "unknown gate": (lambda tmp, t: [str(t), "--gate", "sigmoid"], "--gate: 'sigmoid'"),
-    "kv width for gated_deltanet": (
-        lambda tmp, t: [str(t), "--mixer", "gated_deltanet", "--mixer-width", "kv"],
-        "gated_deltanet has no kv-width layout",
-    ),
     "mean gate for discrete_mamba2": (
         lambda tmp, t: [str(t), "--mixer", "discrete_mamba2", "--gate", "mean"],
         "only mamba2 takes a gate other than z",

@@ -6,6 +6,7 @@ projects x for 2 heads and B for 2 groups, each repeated to 4.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -25,11 +26,17 @@ from ssmify.convert.student import build_student
 from ssmify.errors import SsmifyError
 from ssmify.export import check_exportable, export
 from ssmify.export.engine_rules import llamacpp_problems
-from ssmify.export.expand import expand_mixer_weights, full_width
+from ssmify.export.expand import expand_mixer_weights
 from ssmify.mixers import MIXERS, build_mixer
 
 # (mixer, gate) pairs; every one of them in both widths.
-FORMS = [("mamba2", "z"), ("mamba2", "mean"), ("mamba2", "none"), ("discrete_mamba2", "z")]
+FORMS = [
+    ("mamba2", "z"),
+    ("mamba2", "mean"),
+    ("mamba2", "none"),
+    ("discrete_mamba2", "z"),
+    ("gated_deltanet", "z"),
+]
 
 
 def attention_of(teacher, layer: int = 1):
@@ -44,8 +51,8 @@ def seeded(mixer: str, weights, width: str, gate: str, inputs: torch.Tensor, ssm
     torch.manual_seed(0)
     seed_mixer(module, weights)
     with torch.no_grad():
-        if ssm_from is not None and mixer == "mamba2":
-            for name in ("dt_bias", "A_log", "D"):
+        if ssm_from is not None and mixer != "discrete_mamba2":
+            for name in ("dt_bias", "A_log", "D")[: 3 if mixer == "mamba2" else 2]:
                 getattr(module, name).copy_(getattr(ssm_from, name))
         if gate == "mean":
             seed_mean_gate(module, inputs)
@@ -53,11 +60,33 @@ def seeded(mixer: str, weights, width: str, gate: str, inputs: torch.Tensor, ssm
     return module
 
 
+def expand_gated_deltanet_weights(weights: dict[str, torch.Tensor], config) -> None:
+    """The full layout of a kv-width gated_deltanet, in place: k_proj/v_proj rows and their conv channels
+    repeated per head (gated_deltanet has no export, so this lives here)."""
+    d, kv, times = config.head_dim, config.n_kv_heads, config.n_heads // config.n_kv_heads
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(0, (kv, d)).repeat_interleave(times, dim=0).flatten(0, 1)
+
+    for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+        if name in weights:
+            weights[name] = repeat(weights[name])
+    if "conv1d.weight" in weights:
+        q, k, v = weights["conv1d.weight"].split([config.n_heads * d, kv * d, kv * d])
+        weights["conv1d.weight"] = torch.cat([q, repeat(k), repeat(v)])
+
+
+def expand_weights(weights: dict[str, torch.Tensor], config) -> None:
+    if isinstance(config, MIXERS["gated_deltanet"][1]):
+        expand_gated_deltanet_weights(weights, config)
+    else:
+        expand_mixer_weights(weights, "", config)
+
+
 def expand_conv_state(kv_mixer, conv_state: torch.Tensor) -> torch.Tensor:
     """A kv-width conv state in the full layout: its x and B channels repeated as export repeats them."""
-    c = kv_mixer.config
     weights = {"conv1d.weight": conv_state.transpose(0, 1)}  # channels first, as the conv weight
-    expand_mixer_weights(weights, "", c)
+    expand_weights(weights, kv_mixer.config)
     return weights["conv1d.weight"].transpose(0, 1)
 
 
@@ -83,8 +112,8 @@ def test_kv_width_seeded_mixer_equals_full_width_seeded_mixer_on_every_path(mixe
     inputs = torch.randn(2, 40, 64, dtype=torch.float64) + 0.5  # a mean direction for the mean gate
     full = seeded(mixer, weights, "full", gate, inputs)
     kv = seeded(mixer, weights, "kv", gate, inputs, ssm_from=full)
-    assert kv.in_proj.weight.shape[0] < full.in_proj.weight.shape[0]
     assert kv.conv_dim == 2 * 16 + 2 * 16 + 4 * 16 and full.conv_dim == 3 * 4 * 16
+    assert sum(p.numel() for p in kv.parameters()) < sum(p.numel() for p in full.parameters())
 
     u = torch.randn(2, 21, 64, dtype=torch.float64)
     ours, reference = paths(kv, u, prefill=13), paths(full, u, prefill=13)
@@ -106,8 +135,8 @@ def test_kv_width_mixer_with_random_weights_equals_its_full_layout_expansion(mix
     for param in kv.parameters():
         param.add_(0.2 * torch.randn_like(param))
     state = {key: value.clone() for key, value in kv.state_dict().items()}
-    expand_mixer_weights(state, "", kv.config)
-    full = MIXERS[mixer][0](full_width(kv.config)).double()
+    expand_weights(state, kv.config)
+    full = MIXERS[mixer][0](dataclasses.replace(kv.config, n_kv_heads=None)).double()
     full.load_state_dict(state, strict=True)
 
     u = torch.randn(2, 21, 64, dtype=torch.float64)

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mixer-width",
         default="full",
         help="full (default): x and B for every query head; kv: x and B at the teacher's key/value width, "
-        "shared by the query heads as GQA shares keys and values (mamba2, discrete_mamba2)",
+        "shared by the query heads as GQA shares keys and values (gated_deltanet: k and v)",
     )
     p.add_argument(
         "--gate",

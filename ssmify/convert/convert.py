@@ -201,8 +201,6 @@ def check_lean_options(mixer: str, width: str, gate: str) -> None:
         raise SsmifyError(f"--mixer-width: {width!r} is not a width; choose one of {', '.join(WIDTHS)}")
     if gate not in GATES:
         raise SsmifyError(f"--gate: {gate!r} is not a gate; choose one of {', '.join(GATES)}")
-    if width == "kv" and mixer == "gated_deltanet":
-        raise SsmifyError("--mixer-width kv: gated_deltanet has no kv-width layout; use full, or mamba2")
     if gate != "z" and mixer != "mamba2":
         raise SsmifyError(
             f"--gate {gate}: only mamba2 takes a gate other than z ({mixer} keeps its gate as seeded)"

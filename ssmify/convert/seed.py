@@ -23,7 +23,7 @@ teacher head it came from: the scale goes into the gated-norm gain for mamba2 an
 gate silu(z bias) for discrete_mamba2 (which has no norm). out_proj stays W_O in both.
 
 gated_deltanet is seeded the same way: q_proj <- W_Q, k_proj <- W_K, v_proj <- W_V (repeated under
-GQA), out_proj <- W_O, the teacher's q/k norms as its q/k norms, the conv the identity, the gate
+GQA unless kv-width), out_proj <- W_O, the teacher's q/k norms as its q/k norms, the conv the identity, the gate
 pass-through (g_proj weights 0, silu(bias) = 1), decay and beta input-independent (a_proj and b_proj
 weights 0). The identity that then holds, with the conv bypassed and decay 1: the delta rule's core
 output is o = (Q K^T * causal) U with U = T^{-1} diag(beta) V (see `mixers/gated_deltanet.py`), with
@@ -68,12 +68,12 @@ def mixer_settings(
 ) -> dict:
     """The mixer config that can hold one teacher attention layer exactly.
 
-    width "kv" keeps x and B at the teacher's key/value width (mamba2, discrete_mamba2); gate (mamba2
+    width "kv" keeps x and B (gated_deltanet: k and v) at the teacher's key/value width; gate (mamba2
     only) "z" needs in_proj/out_proj biases, "mean" and "none" have them only if the teacher's attention
     has biases. Only settings that differ from the old defaults are added, so a default student's config
     is what it always was."""
     if mixer == "gated_deltanet":
-        return {
+        settings = {
             "d_model": weights.hidden_size,
             "n_heads": weights.num_heads,
             "head_dim": weights.head_dim,
@@ -83,6 +83,9 @@ def mixer_settings(
             "qk_norm": weights.qk_norm,
             "qk_norm_eps": weights.qk_norm_eps if weights.qk_norm else 1e-6,
         }
+        if width == "kv":
+            settings["n_kv_heads"] = weights.num_kv_heads
+        return settings
     settings = {
         "d_model": weights.hidden_size,
         "n_heads": weights.num_heads,
@@ -174,7 +177,7 @@ BETA_SEED = float(BETA_GRID[0])
 @torch.no_grad()
 def seed_gated_deltanet(mixer: GatedDeltaNet, weights: AttentionWeights) -> None:
     """q/k/v/out projections from attention, the rest a no-op or input-independent (module docstring)."""
-    heads = _per_head(weights)
+    heads = _per_head(weights, repeat_kv=mixer.config.n_kv_heads is None)
     for proj, name in ((mixer.q_proj, "q"), (mixer.k_proj, "k"), (mixer.v_proj, "v")):
         w, b = heads[name]
         proj.weight.copy_(w)
