@@ -251,15 +251,15 @@ def test_serve_times_the_teacher_and_its_exported_pure_ssm_in_vllm(tmp_path: Pat
 
 def test_lean_parameters_counts_six_students_whose_totals_add_up():
     stdout = run_script("lean_parameters.py", "--json")
-    rows = json.loads(stdout[stdout.index("[") :])
-    assert [(r["width"], r["gate"]) for r in rows] == [
-        (w, g) for w in ("full", "kv") for g in ("z", "mean", "none")
-    ]
+    rows = json.loads(stdout[stdout.index("\n[") :])
+    assert [(r["mixer"], r["width"], r["gate"]) for r in rows] == [
+        ("mamba2", w, g) for w in ("full", "kv") for g in ("z", "mean", "none")
+    ] + [("gated_deltanet", "full", "z"), ("gated_deltanet", "kv", "z")]
     for r in rows:  # a pure SSM of 2 layers: each attention swapped for a mixer
-        assert r["student"] == r["teacher"] + 2 * (r["mixer"] - r["attention"])
+        assert r["student"] == r["teacher"] + 2 * (r["mixer_parameters"] - r["attention"])
         assert r["bias"] is (r["gate"] == "z")
-    by = {(r["width"], r["gate"]): r["mixer"] for r in rows}
-    for gate in ("z", "mean", "none"):
-        assert by["kv", gate] < by["full", gate]
+    by = {(r["mixer"], r["width"], r["gate"]): r["mixer_parameters"] for r in rows}
+    for mixer, gate in [("mamba2", "z"), ("mamba2", "mean"), ("mamba2", "none"), ("gated_deltanet", "z")]:
+        assert by[mixer, "kv", gate] < by[mixer, "full", gate]
     for width in ("full", "kv"):
-        assert by[width, "none"] < by[width, "mean"] < by[width, "z"]
+        assert by["mamba2", width, "none"] < by["mamba2", width, "mean"] < by["mamba2", width, "z"]

@@ -1,11 +1,12 @@
 """Parameters of lean students: each mixer beside the attention it replaces, and the pure-SSM student
-beside its teacher, for every --mixer-width (full, kv) and --gate (z, mean, none), side by side in one run.
+beside its teacher, for every --mixer-width (full, kv) and --gate (z, mean, none) of mamba2, and both
+widths of gated_deltanet, side by side in one run.
 
     python scripts/bench/lean_parameters.py                  # SmolLM2-135M-Instruct
     python scripts/bench/lean_parameters.py --teacher DIR    # any teacher folder convert takes
     python scripts/bench/lean_parameters.py --quick          # a tiny random GQA llama (tests/test_bench.py)
 
-Every student is a pure SSM (every attention layer a mamba2 mixer) built as `ssmify convert` builds it,
+Every student is a pure SSM (every attention layer a mixer) built as `ssmify convert` builds it,
 with the counts from `convert`'s own `parameter_counts`. Counts do not depend on the init, so the
 students are left unseeded (seeding 30 layers six times takes most of an hour on 2 shared cores).
 It prints a markdown table, and with --json the same rows as JSON.
@@ -39,20 +40,27 @@ def quick_teacher() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+STUDENTS = [("mamba2", width, gate) for width, gate in itertools.product(WIDTHS, GATES)] + [
+    ("gated_deltanet", width, "z") for width in WIDTHS
+]
+
+
 def rows(teacher: torch.nn.Module) -> list[dict]:
-    """One row per (width, gate): mixer and attention parameters of layer 0, student and teacher totals."""
+    """One row per (mixer, width, gate): mixer and attention parameters of layer 0, student and teacher
+    totals."""
     plan = LayerPlan(teacher.config.num_hidden_layers, [])
     out = []
-    for width, gate in itertools.product(WIDTHS, GATES):
-        student = seeded_student(teacher, plan, "mamba2", "random", torch.empty(0), width=width, gate=gate)
+    for mixer, width, gate in STUDENTS:
+        student = seeded_student(teacher, plan, mixer, "random", torch.empty(0), width=width, gate=gate)
         counts = parameter_counts(teacher, student, plan.converted)
         layer = counts["layers"]["0"]
         out.append(
             {
+                "mixer": mixer,
                 "width": width,
                 "gate": gate,
-                "bias": mixer_layers(student)[0].in_proj.bias is not None,
-                "mixer": layer["mixer"],
+                "bias": mixer_layers(student)[0].config.bias,  # in_proj/out_proj (GDN: q/k/v/out_proj)
+                "mixer_parameters": layer["mixer"],
                 "attention": layer["attention"],
                 "mixer_per_attention": counts["mixers_per_attention"],
                 "student": counts["student"],
@@ -66,13 +74,14 @@ def rows(teacher: torch.nn.Module) -> list[dict]:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| --mixer-width | --gate | in_proj/out_proj bias | mixer params / layer | attention params / layer "
-        "| mixer / attention | pure-SSM student | teacher | student / teacher |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| --mixer | --mixer-width | --gate | projection biases | mixer params / layer "
+        "| attention params / layer | mixer / attention | pure-SSM student | teacher | student / teacher |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['width']} | {r['gate']} | {'yes' if r['bias'] else 'no'} | {r['mixer']:,} | {r['attention']:,} "
+            f"| {r['mixer']} | {r['width']} | {r['gate']} | {'yes' if r['bias'] else 'no'} "
+            f"| {r['mixer_parameters']:,} | {r['attention']:,} "
             f"| {r['mixer_per_attention']:.3f}x | {r['student']:,} | {r['teacher']:,} "
             f"| {r['student_per_teacher']:.4f}x |"
         )
