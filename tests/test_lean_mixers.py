@@ -198,9 +198,11 @@ def mean_gated_median(inputs: torch.Tensor) -> torch.Tensor:
     return (u @ (r / r.norm())).median()
 
 
-def kv_student(gate: str, attention_layers: list[int], width: str = "kv"):
+def kv_student(gate: str, attention_layers: list[int], width: str = "kv", mixer: str = "mamba2"):
     teacher = tiny_model("llama", seed=1, initializer_range=0.15)
-    student = convert(teacher, attention_layers=attention_layers, chunk_size=16, mixer_width=width, gate=gate)
+    student = convert(
+        teacher, attention_layers=attention_layers, chunk_size=16, mixer=mixer, mixer_width=width, gate=gate
+    )
     return perturb_mixers(student)
 
 
@@ -340,9 +342,20 @@ def test_a_kv_width_student_goes_through_the_three_distillation_stages(tmp_path,
     assert mixer.config.n_kv_heads == 2 and mixer.in_proj.bias is None
 
 
-@pytest.mark.parametrize("width,gate", [("kv", "z"), ("kv", "mean"), ("kv", "none"), ("full", "none")])
-def test_lean_students_generate_the_same_with_and_without_the_cache_and_kv_state_is_smaller(width, gate):
-    student = kv_student(gate, [1], width)
+GENERATIONS = [
+    ("mamba2", "kv", "z"),
+    ("mamba2", "kv", "mean"),
+    ("mamba2", "kv", "none"),
+    ("mamba2", "full", "none"),
+    ("gated_deltanet", "kv", "z"),
+]
+
+
+@pytest.mark.parametrize("mixer,width,gate", GENERATIONS, ids=["-".join(c) for c in GENERATIONS])
+def test_lean_students_generate_the_same_with_and_without_the_cache_and_kv_state_is_smaller(
+    mixer, width, gate
+):
+    student = kv_student(gate, [1], width, mixer)
     ids = torch.randint(3, 120, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cached = student.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True)
