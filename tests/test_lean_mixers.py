@@ -366,3 +366,12 @@ def test_lean_students_generate_the_same_with_and_without_the_cache_and_kv_state
         state = mixer_layers(student)[0].allocate_state(1)
     x_and_b = 2 * (2 if width == "kv" else 4) * 16  # x and B channels: 2 KV heads or 4 heads of 16
     assert state.conv.shape == (1, x_and_b + 4 * 16, 4) and state.ssm.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("gate", "sigmoid"), ("n_kv_heads", 3), ("n_kv_heads", 0), ("n_kv_heads", 1.5)]
+)
+def test_a_bad_lean_field_in_mixer_config_is_a_one_line_error_naming_it(field, value):
+    with pytest.raises(SsmifyError) as err:
+        build_mixer("mamba2", {**OLD_MIXER_CONFIG, field: value})
+    assert str(err.value).startswith(f"mixer_config.{field}:") and "\n" not in str(err.value)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ssmify.errors import SsmifyError
 from ssmify.mixers.conv import causal_conv1d, causal_conv1d_step
 from ssmify.mixers.kernels import kernels_for
 from ssmify.mixers.ssd import ssd_chunked, ssd_matrix, ssd_step
@@ -44,9 +45,11 @@ def check_kv_heads(config) -> None:
     """n_heads a multiple of n_groups, and n_groups of n_kv_heads (each C group reads one B group)."""
     if config.n_heads % config.n_groups:
         raise ValueError(f"n_heads ({config.n_heads}) must be a multiple of n_groups ({config.n_groups})")
-    if config.n_kv_heads is not None and (config.n_kv_heads < 1 or config.n_groups % config.n_kv_heads):
-        raise ValueError(
-            f"n_groups ({config.n_groups}) must be a multiple of n_kv_heads ({config.n_kv_heads})"
+    kv = config.n_kv_heads
+    if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or config.n_groups % kv):
+        raise SsmifyError(
+            f"mixer_config.n_kv_heads: must be null or a positive divisor of n_groups {config.n_groups}, "
+            f"not {kv!r}"
         )
 
 

@@ -35,9 +35,7 @@ class DiscreteMamba2Config:
     conv_bias: bool = True
     bc_norm: str | None = None  # "rms" or "layer": a norm on each group of B and C (a teacher's k/q norms)
     bc_norm_eps: float = 1e-6
-    n_kv_heads: int | None = (
-        None  # x and B at n_kv_heads heads / groups, repeated before the scan; None: full
-    )
+    n_kv_heads: int | None = None  # x, B at n_kv_heads heads / groups, repeated; None: full width
 
     def __post_init__(self) -> None:
         check_kv_heads(self)

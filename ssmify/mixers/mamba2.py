@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmify.errors import SsmifyError
 from ssmify.mixers.base import SSDMixer, bc_norms, check_kv_heads, fp32_or_wider, xb_sizes
 
 GATES = ("z", "none")
@@ -49,15 +50,13 @@ class Mamba2Config:
     dt_init_floor: float = 1e-4
     dt_limit: tuple[float, float] | None = None
     A_init_range: tuple[float, float] = (1.0, 16.0)
-    n_kv_heads: int | None = (
-        None  # x and B at n_kv_heads heads / groups, repeated before the scan; None: full
-    )
+    n_kv_heads: int | None = None  # x, B at n_kv_heads heads / groups, repeated; None: full width
     gate: str = "z"  # "z": out = norm(y * silu(z)); "none": no z rows, out = norm(y)
 
     def __post_init__(self) -> None:
         check_kv_heads(self)
         if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {', '.join(GATES)}, not {self.gate!r}")
+            raise SsmifyError(f"mixer_config.gate: must be one of {', '.join(GATES)}, not {self.gate!r}")
 
     def in_proj_segments(self) -> dict[str, int]:
         """in_proj's output rows, in order: the gate z, the conv input x B C, the time-step dt."""
