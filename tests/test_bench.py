@@ -247,3 +247,19 @@ def test_serve_times_the_teacher_and_its_exported_pure_ssm_in_vllm(tmp_path: Pat
         assert [(row["batch"], row["length"]) for row in timing["rows"]] == [(1, 128), (2, 128)]
         assert all(row["decode_tok_s"] > 0 and row["ttft_s"] > 0 for row in timing["rows"])
     assert "| vllm | f32 | pure SSM | 128 | 2 |" in result.stdout
+
+
+def test_lean_parameters_counts_six_students_whose_totals_add_up():
+    stdout = run_script("lean_parameters.py", "--json")
+    rows = json.loads(stdout[stdout.index("\n[") :])
+    assert [(r["mixer"], r["width"], r["gate"]) for r in rows] == [
+        ("mamba2", w, g) for w in ("full", "kv") for g in ("z", "mean", "none")
+    ] + [("gated_deltanet", "full", "z"), ("gated_deltanet", "kv", "z")]
+    for r in rows:  # a pure SSM of 2 layers: each attention swapped for a mixer
+        assert r["student"] == r["teacher"] + 2 * (r["mixer_parameters"] - r["attention"])
+        assert r["bias"] is (r["gate"] == "z")
+    by = {(r["mixer"], r["width"], r["gate"]): r["mixer_parameters"] for r in rows}
+    for mixer, gate in [("mamba2", "z"), ("mamba2", "mean"), ("mamba2", "none"), ("gated_deltanet", "z")]:
+        assert by[mixer, "kv", gate] < by[mixer, "full", gate]
+    for width in ("full", "kv"):
+        assert by["mamba2", width, "none"] < by["mamba2", width, "mean"] < by["mamba2", width, "z"]

@@ -303,6 +303,12 @@ BAD_INPUTS = {
         lambda tmp, t: [str(t), "--keep-attention", "0.5", "--layer-choice", "best"],
         "--layer-choice",
     ),
+    "unknown mixer width": (lambda tmp, t: [str(t), "--mixer-width", "half"], "--mixer-width: 'half'"),
+    "unknown gate": (lambda tmp, t: [str(t), "--gate", "sigmoid"], "--gate: 'sigmoid'"),
+    "mean gate for discrete_mamba2": (
+        lambda tmp, t: [str(t), "--mixer", "discrete_mamba2", "--gate", "mean"],
+        "only mamba2 takes a gate other than z",
+    ),
     "corrupt safetensors": (lambda tmp, t: [str(_corrupt_dir(tmp, t))], "model.safetensors"),
     "calibration text not UTF-8": (
         lambda tmp, t: [str(t), "--calibration-text", str(_latin1_text(tmp))],

@@ -213,6 +213,7 @@ def test_transformers_gated_delta_rule_agrees_in_float64(L, chunk_size):
         ({"qk_norm": "batch"}, "mixer_config.qk_norm"),
         ({"allow_neg_eigval": "yes"}, "mixer_config.allow_neg_eigval"),
         ({"norm_eps": 0.0}, "mixer_config.norm_eps"),
+        ({"n_kv_heads": 2}, "mixer_config.n_kv_heads"),
     ],
 )
 def test_bad_mixer_config_is_a_one_line_error_naming_the_field(options, field):

@@ -11,11 +11,16 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from ssmify.mixers import DiscreteMamba2, DiscreteMamba2Config, Mamba2, Mamba2Config
 
 D_MODEL, HEADS, HEAD_DIM, D_STATE, GROUPS = 24, 4, 6, 5, 2
+# The lean variants: "_kv" projects x for 2 heads (each repeated to 2 of the 4) and B for 2 groups,
+# "_kv1" x and B for one head / group (repeated to 4 heads / 2 groups), "_ungated" has no z rows.
+VARIANTS = {"": {}, "_kv": {"n_kv_heads": 2}, "_kv1": {"n_kv_heads": 1}, "_ungated": {"gate": "none"}}
 
 
 def make_mixer(kind: str, chunk_size: int = 8, bias: bool = True, bc_norm: str | None = None, seed: int = 0):
     """A mixer with every parameter random (not its initial values), so that no term hides."""
     torch.manual_seed(seed)
+    suffix = next((s for s in VARIANTS if s and kind.endswith(s)), "")
+    base, lean = kind.removesuffix(suffix), VARIANTS[suffix]
     sizes = dict(
         d_model=D_MODEL,
         n_heads=HEADS,
@@ -23,8 +28,9 @@ def make_mixer(kind: str, chunk_size: int = 8, bias: bool = True, bc_norm: str |
         d_state=D_STATE,
         n_groups=GROUPS,
         chunk_size=chunk_size,
+        **lean,
     )
-    if kind == "mamba2":
+    if base == "mamba2":
         mixer = Mamba2(Mamba2Config(**sizes, bias=bias, bc_norm=bc_norm))
     else:
         mixer = DiscreteMamba2(DiscreteMamba2Config(**sizes, bias=bias, bc_norm=bc_norm))
@@ -45,9 +51,13 @@ def naive_forward(mixer, u: torch.Tensor) -> torch.Tensor:
     mamba2 = isinstance(mixer, Mamba2)
     b, L, _ = u.shape
     proj = F.linear(u, mixer.in_proj.weight, mixer.in_proj.bias)
-    inner, conv_dim = c.n_heads * c.head_dim, mixer.conv_dim
+    inner = c.n_heads * c.head_dim
+    kv = c.n_kv_heads or 0  # x and B at kv heads / groups, repeated to every head / C group
+    x_width, b_width = (kv * c.head_dim, kv * c.d_state) if kv else (inner, c.n_groups * c.d_state)
+    conv_dim = x_width + b_width + c.n_groups * c.d_state
+    gated = not mamba2 or c.gate == "z"
     if mamba2:
-        z, xbc, raw = proj.split([inner, conv_dim, c.n_heads], -1)
+        z, xbc, raw = proj.split([inner if gated else 0, conv_dim, c.n_heads], -1)
     else:
         xbc, z, raw = proj.split([conv_dim, inner, c.n_heads], -1)
     w, cb = mixer.conv1d.weight[:, 0], mixer.conv1d.bias
@@ -56,7 +66,14 @@ def naive_forward(mixer, u: torch.Tensor) -> torch.Tensor:
     conv = torch.stack([(padded[:, t : t + k] * w.T).sum(1) + cb for t in range(L)], 1)
     if mamba2:
         conv = F.silu(conv)
-    x, Bm, Cm = conv.split([inner, c.n_groups * c.d_state, c.n_groups * c.d_state], -1)
+    x, Bm, Cm = conv.split([x_width, b_width, c.n_groups * c.d_state], -1)
+    if kv:  # x head k serves heads k*H/kv ..., B group k serves C groups k*G/kv ...
+        x = torch.cat(
+            [x[..., (h * kv // c.n_heads) * c.head_dim :][..., : c.head_dim] for h in range(c.n_heads)], -1
+        )
+        Bm = torch.cat(
+            [Bm[..., (g * kv // c.n_groups) * c.d_state :][..., : c.d_state] for g in range(c.n_groups)], -1
+        )
     x = x.reshape(b, L, c.n_heads, c.head_dim)
     Bm = Bm.reshape(b, L, c.n_groups, c.d_state)
     Cm = Cm.reshape(b, L, c.n_groups, c.d_state)
@@ -84,7 +101,7 @@ def naive_forward(mixer, u: torch.Tensor) -> torch.Tensor:
         ys.append(y + x[:, t] * mixer.D[:, None])
     y = torch.stack(ys, 1).reshape(b, L, inner)
     if mamba2:
-        y = y * F.silu(z)
+        y = y * F.silu(z) if gated else y
         y = y.reshape(b, L, c.n_groups, -1)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.norm_eps)
         y = y.reshape(b, L, inner) * mixer.norm.weight
@@ -93,7 +110,7 @@ def naive_forward(mixer, u: torch.Tensor) -> torch.Tensor:
     return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
 
 
-KINDS = ["mamba2", "discrete_mamba2"]
+KINDS = ["mamba2", "discrete_mamba2", "mamba2_kv", "mamba2_ungated", "discrete_mamba2_kv1"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -32,6 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a mixer setting, repeatable: d_conv=N (any mixer), allow_neg_eigval=true (gated_deltanet)",
     )
+    p.add_argument(
+        "--mixer-width",
+        default="full",
+        help="full (default): x and B for every query head; kv: x and B at the teacher's key/value width, "
+        "shared by the query heads as GQA shares keys and values (gated_deltanet: k and v)",
+    )
+    p.add_argument(
+        "--gate",
+        default="z",
+        help="mamba2's output gate: z (default; in_proj/out_proj biases), mean (no bias, so that llama.cpp "
+        "holds it; seeded along the mean input direction) or none (no gate; cannot be exported)",
+    )
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--attention-layers", type=_layer_list, help="layers that keep attention, e.g. 3,7,11")
     plan.add_argument(
@@ -56,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ssmify.convert import convert
+    from ssmify.convert.convert import describe_parameters
 
     student = convert(
         args.teacher,
@@ -70,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         calibration_text=args.calibration_text,
+        mixer_width=args.mixer_width,
+        gate=args.gate,
     )
     report = student.convert_report
     if report is None:
@@ -81,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         f"perplexity before training {report['student_perplexity']:.2f} "
         f"(teacher {report['teacher_perplexity']:.2f}); {report['seconds']:.1f} s"
     )
+    print(f"parameters: {describe_parameters(report['parameters'])}")
     return 0
 
 

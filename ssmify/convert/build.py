@@ -16,7 +16,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ssmify.convert.adapters import get_adapter
 from ssmify.convert.plan import LayerPlan
 from ssmify.convert.probes import teacher_attention
-from ssmify.convert.seed import calibrate_mixer, mixer_settings, seed_mixer, teacher_head_outputs
+from ssmify.convert.seed import (
+    calibrate_mixer,
+    mixer_settings,
+    seed_mean_gate,
+    seed_mixer,
+    teacher_head_outputs,
+)
 from ssmify.convert.student import build_student, mixer_layers
 from ssmify.errors import SsmifyError
 
@@ -35,10 +41,15 @@ def seeded_student(
     chunk_size: int = 64,
     seed: int = 0,
     mixer_options: dict | None = None,
+    width: str = "full",
+    gate: str = "z",
+    gate_report: dict | None = None,
 ) -> PreTrainedModel:
     """The teacher with `plan.converted` attention layers swapped for mixers, seeded from attention and
     calibrated on `calibration` token windows (init "seeded") or left freshly initialised ("random").
-    `mixer_options` override the mixer settings that seeding picks (checked by `convert`)."""
+    `mixer_options` override the mixer settings that seeding picks (checked by `convert`); `width` and
+    `gate` are `seed.mixer_settings`'. With gate "mean", `gate_report` (if given) receives each layer's
+    `seed_mean_gate` figures."""
     family = model.config.model_type
     adapter = get_adapter(family)
     blocks = adapter.decoder_layers(model)
@@ -47,7 +58,7 @@ def seeded_student(
         "base_model_type": family,
         "mixer": mixer,
         "mixer_config": {
-            **mixer_settings(mixer, first, chunk_size, norm_eps=norm_eps(model.config)),
+            **mixer_settings(mixer, first, chunk_size, norm_eps(model.config), width, gate),
             **(mixer_options or {}),
         },
         "attention_layers": list(plan.attention_layers),
@@ -68,6 +79,10 @@ def seeded_student(
         with torch.no_grad():
             probes = teacher_attention(model, calibration, plan.converted)
         for i, probe in probes.items():
+            if gate == "mean":
+                figures = seed_mean_gate(mixers[i], probe.inputs)
+                if gate_report is not None:
+                    gate_report[i] = figures
             target = teacher_head_outputs(attentions[i], probe.inputs, probe.probs)
             calibrate_mixer(mixers[i], probe.inputs, target)
         log.info(

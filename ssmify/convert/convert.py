@@ -19,8 +19,9 @@ from ssmify.cards import distillation_section, front_matter
 from ssmify.convert.adapters import get_adapter
 from ssmify.convert.build import calibration_windows, read_calibration_text, seeded_student
 from ssmify.convert.plan import LayerPlan
+from ssmify.convert.seed import GATES, WIDTHS
 from ssmify.convert.sensitivity import CHOICE_METRICS, cached_layer_scores, choose_layers
-from ssmify.convert.student import MODEL_TYPE
+from ssmify.convert.student import MODEL_TYPE, mixer_layers
 from ssmify.convert.teacher import load_config, load_teacher, resolve_dtype
 from ssmify.errors import SsmifyError
 from ssmify.mixers import MIXERS
@@ -57,6 +58,8 @@ def convert(
     tokenizer: PreTrainedTokenizerBase | None = None,
     chunk_size: int = 64,
     seed: int = 0,
+    mixer_width: str = "full",
+    gate: str = "z",
 ) -> PreTrainedModel:
     """Turn `teacher` into a student whose non-kept attention layers are mixers; save it to `out` if given.
 
@@ -69,12 +72,17 @@ def convert(
     layer, and are cached per teacher folder and calibration text. init: "seeded" (from the teacher's
     Q/K/V/O, then calibrated) or "random". mixer_options: settings on top of those seeding picks, as in
     MIXER_OPTIONS (the layer scores of --layer-choice are measured with the default settings).
-    The student's perplexity before any training, next to the teacher's, is logged and saved in
-    `out/convert_report.json`.
+    mixer_width: "full" (x and B for every query head) or "kv" (x and B at the teacher's key/value width,
+    shared by the query heads as GQA shares keys and values: fewer weights, the same seeded function).
+    gate (mamba2): "z" (gate with in_proj/out_proj biases, pass-through at seeding), "mean" (no bias, for
+    llama.cpp: z rows seeded along the mean input direction, see `seed.seed_mean_gate`) or "none".
+    The student's perplexity before any training, next to the teacher's, and its parameter counts next
+    to the teacher's, are logged and saved in `out/convert_report.json`.
     """
     if mixer not in MIXERS:
         raise SsmifyError(f"--mixer: {mixer!r} is not a mixer; choose one of {', '.join(MIXERS)}")
     mixer_options = check_mixer_options(mixer, mixer_options or {})
+    check_lean_options(mixer, mixer_width, gate)
     if init not in INITS:
         raise SsmifyError(f"--init: {init!r} is not an init; choose one of {', '.join(INITS)}")
     if layer_choice not in LAYER_CHOICES:
@@ -114,7 +122,19 @@ def convert(
         plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
     log.info("plan: %s", plan.describe())
 
-    student = seeded_student(model, plan, mixer, init, calibration, chunk_size, seed, mixer_options)
+    gate_report: dict[int, dict] = {}
+    student = seeded_student(
+        model, plan, mixer, init, calibration, chunk_size, seed, mixer_options, mixer_width, gate, gate_report
+    )
+    if gate == "mean":
+        bias = student.config.ssmify["mixer_config"]["bias"]
+        log.info(
+            "gate mean: %s",
+            "in_proj/out_proj keep biases, for the teacher's q/k/v/o biases (llama.cpp cannot hold them)"
+            if bias
+            else "in_proj/out_proj have no bias",
+        )
+    parameters = parameter_counts(model, student, plan.converted)
 
     report = {
         "teacher": source,
@@ -130,8 +150,12 @@ def convert(
         "eval_tokens": int(held_out.numel()),
         "teacher_perplexity": perplexity(model, held_out),
         "student_perplexity": perplexity(student, held_out),
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": sum(p.numel() for p in model.parameters()),
+        "student_parameters": parameters["student"],
+        "teacher_parameters": parameters["teacher"],
+        "mixer_width": mixer_width,
+        "gate": gate,
+        "parameters": parameters,
+        "mean_gate": {str(i): figures for i, figures in gate_report.items()} if gate == "mean" else None,
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     log.info(
@@ -140,9 +164,12 @@ def convert(
         report["teacher_perplexity"],
         report["student_perplexity"],
     )
+    log.info("parameters: %s", describe_parameters(parameters))
     student.config.ssmify["provenance"] = {
         "teacher": source,
         "init": init,
+        "mixer_width": mixer_width,
+        "gate": gate,
         "ssmify_version": version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "perplexity_before_training": {k: report[k] for k in ("teacher_perplexity", "student_perplexity")},
@@ -166,6 +193,61 @@ def check_mixer_options(mixer: str, options: dict) -> dict:
         if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool) or not check(value):
             raise SsmifyError(f"--mixer-option {key}: must be {what}, not {value!r}")
     return dict(options)
+
+
+def check_lean_options(mixer: str, width: str, gate: str) -> None:
+    """A one-line SsmifyError unless `mixer` has the `width` layout and the `gate` form."""
+    if width not in WIDTHS:
+        raise SsmifyError(f"--mixer-width: {width!r} is not a width; choose one of {', '.join(WIDTHS)}")
+    if gate not in GATES:
+        raise SsmifyError(f"--gate: {gate!r} is not a gate; choose one of {', '.join(GATES)}")
+    if gate != "z" and mixer != "mamba2":
+        raise SsmifyError(
+            f"--gate {gate}: only mamba2 takes a gate other than z ({mixer} keeps its gate as seeded)"
+        )
+
+
+def parameter_counts(teacher: PreTrainedModel, student: PreTrainedModel, converted: list[int]) -> dict:
+    """Parameters of teacher and student, and of each mixer next to the teacher attention it replaces."""
+    adapter = get_adapter(teacher.config.model_type)
+    blocks, mixers = adapter.decoder_layers(teacher), mixer_layers(student)
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    layers = {
+        str(i): {"attention": count(getattr(blocks[i], adapter.attention_attr)), "mixer": count(mixers[i])}
+        for i in converted
+    }
+    for layer in layers.values():
+        layer["mixer_per_attention"] = layer["mixer"] / layer["attention"]
+    attention, mixed = (sum(layer[k] for layer in layers.values()) for k in ("attention", "mixer"))
+    teacher_count, student_count = count(teacher), count(student)
+    return {
+        "teacher": teacher_count,
+        "student": student_count,
+        "student_per_teacher": student_count / teacher_count,
+        "attention_replaced": attention,
+        "mixers": mixed,
+        "mixers_per_attention": mixed / attention if attention else None,
+        "layers": layers,
+    }
+
+
+def describe_parameters(parameters: dict) -> str:
+    """One line: student next to teacher, and mixers next to the attention they replace."""
+    line = (
+        f"student {parameters['student']:,} ({parameters['student_per_teacher']:.3f}x the teacher's "
+        f"{parameters['teacher']:,})"
+    )
+    if parameters["mixers_per_attention"] is not None:
+        ratios = [layer["mixer_per_attention"] for layer in parameters["layers"].values()]
+        line += (
+            f"; mixers {parameters['mixers']:,}, {parameters['mixers_per_attention']:.3f}x the "
+            f"{parameters['attention_replaced']:,} attention parameters they replace (per layer "
+            f"{min(ratios):.3f}x to {max(ratios):.3f}x)"
+        )
+    return line
 
 
 def _check_plan(

@@ -4,10 +4,18 @@ Per head: C <- W_Q, B <- W_K, x <- W_V (key/value heads repeated under GQA), out
 with d_state = head_dim and one B/C group per head. With decay 1 and the conv and gate out of the
 way, the mixer is then causal linear attention with the teacher's projections:
 y_t = sum_{s<=t} (q_t . k_s) v_s. The teacher's q/k norms (Qwen3, Phi) become the B/C norms.
+In the kv-width layout (`width="kv"`) x and B keep the teacher's key/value heads, unrepeated: the mixer
+repeats them itself, so it computes exactly what the full-width seeded mixer does, with fewer weights.
 
 What attention lacks starts as a no-op or at the usual values: conv1d is the identity (last tap 1),
 the gate passes through (z weights 0, z bias with silu(bias) = 1), dt does not depend on the input
 (dt weights 0) and its bias, A and D get the usual Mamba-2 initialisation.
+
+The gate has three forms (`GATES`): "z" as above; "none", no gate at all (out = out_proj(norm(y)));
+"mean", a gate without bias, for engines whose Mamba-2 has no in_proj bias (llama.cpp): every z row is
+alpha * r, r the unit mean direction of the layer's calibration inputs (`seed_mean_gate`). Then
+silu(z) = silu(alpha r.u) is one positive number per token wherever r.u > 0, which the per-head RMSNorm
+divides out again (up to its eps): the mixer computes what the "z" form does on those tokens.
 
 Linear attention has no softmax denominator, so its output scale is far from the teacher's.
 `calibrate_mixer` fits, on calibration text, each head's decay (from a grid) and its output scale to the
@@ -15,7 +23,7 @@ teacher head it came from: the scale goes into the gated-norm gain for mamba2 an
 gate silu(z bias) for discrete_mamba2 (which has no norm). out_proj stays W_O in both.
 
 gated_deltanet is seeded the same way: q_proj <- W_Q, k_proj <- W_K, v_proj <- W_V (repeated under
-GQA), out_proj <- W_O, the teacher's q/k norms as its q/k norms, the conv the identity, the gate
+GQA unless kv-width), out_proj <- W_O, the teacher's q/k norms as its q/k norms, the conv the identity, the gate
 pass-through (g_proj weights 0, silu(bias) = 1), decay and beta input-independent (a_proj and b_proj
 weights 0). The identity that then holds, with the conv bypassed and decay 1: the delta rule's core
 output is o = (Q K^T * causal) U with U = T^{-1} diag(beta) V (see `mixers/gated_deltanet.py`), with
@@ -38,14 +46,34 @@ from ssmify.convert.adapters import AttentionWeights
 from ssmify.mixers import DiscreteMamba2, GatedDeltaNet, Mamba2, SSDMixer
 
 SILU_ONE = 1.2784645427610738  # silu(SILU_ONE) == 1: a pass-through gate
+WIDTHS = ("full", "kv")
+GATES = ("z", "mean", "none")
+# A mean gate's typical pre-activation alpha * r.u: silu(4) = 3.93, so the norm divides out a gate
+# far from 0, and its eps weighs 1 / 3.93^2 of what it weighs with the pass-through gate.
+MEAN_GATE_LEVEL = 4.0
+
+
+def has_bias(weights: AttentionWeights) -> bool:
+    """Whether the teacher's attention has any q/k/v/o bias (which in_proj / out_proj must then hold)."""
+    return any(b is not None for b in (weights.q_bias, weights.k_bias, weights.v_bias, weights.o_bias))
 
 
 def mixer_settings(
-    mixer: str, weights: AttentionWeights, chunk_size: int = 64, norm_eps: float = 1e-5
+    mixer: str,
+    weights: AttentionWeights,
+    chunk_size: int = 64,
+    norm_eps: float = 1e-5,
+    width: str = "full",
+    gate: str = "z",
 ) -> dict:
-    """The mixer config that can hold one teacher attention layer exactly (bias on: the gate needs it)."""
+    """The mixer config that can hold one teacher attention layer exactly.
+
+    width "kv" keeps x and B (gated_deltanet: k and v) at the teacher's key/value width; gate (mamba2
+    only) "z" needs in_proj/out_proj biases, "mean" and "none" have them only if the teacher's attention
+    has biases. Only settings that differ from the old defaults are added, so a default student's config
+    is what it always was."""
     if mixer == "gated_deltanet":
-        return {
+        settings = {
             "d_model": weights.hidden_size,
             "n_heads": weights.num_heads,
             "head_dim": weights.head_dim,
@@ -55,6 +83,9 @@ def mixer_settings(
             "qk_norm": weights.qk_norm,
             "qk_norm_eps": weights.qk_norm_eps if weights.qk_norm else 1e-6,
         }
+        if width == "kv":
+            settings["n_kv_heads"] = weights.num_kv_heads
+        return settings
     settings = {
         "d_model": weights.hidden_size,
         "n_heads": weights.num_heads,
@@ -66,17 +97,28 @@ def mixer_settings(
         "bc_norm": weights.qk_norm,
         "bc_norm_eps": weights.qk_norm_eps if weights.qk_norm else 1e-6,
     }
+    if width == "kv":
+        settings["n_kv_heads"] = weights.num_kv_heads
     if mixer == "mamba2":
         settings["norm_eps"] = norm_eps
+        if gate != "z":
+            settings["bias"] = has_bias(weights)
+        if gate == "none":
+            settings["gate"] = "none"
     return settings
 
 
-def _per_head(weights: AttentionWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """q, k, v as (H*d, D) rows per query head, with key/value heads repeated under GQA."""
+def _per_head(
+    weights: AttentionWeights, repeat_kv: bool = True
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """q, k, v as (H*d, D) rows per query head, with key/value heads repeated under GQA; with
+    `repeat_kv` False, k and v keep the teacher's (Hkv*d, D) rows."""
     H, d, D = weights.num_heads, weights.head_dim, weights.hidden_size
     kv_of_head = torch.arange(H) // (H // weights.num_kv_heads)
 
     def expand(w: torch.Tensor, b: torch.Tensor | None):
+        if not repeat_kv:
+            return w, b
         w = w.view(-1, d, D)[kv_of_head].reshape(H * d, D)
         return w, None if b is None else b.view(-1, d)[kv_of_head].reshape(H * d)
 
@@ -93,30 +135,29 @@ def seed_mixer(mixer: SSDMixer | GatedDeltaNet, weights: AttentionWeights) -> No
     if isinstance(mixer, GatedDeltaNet):
         seed_gated_deltanet(mixer, weights)
         return
-    heads = _per_head(weights)
-    rows = {"x": heads["v"], "B": heads["k"], "C": heads["q"]}
-    inner = mixer.inner
-    if isinstance(mixer, Mamba2):
-        layout = {"z": 0, "x": inner, "B": 2 * inner, "C": 3 * inner, "dt": 4 * inner}
-    elif isinstance(mixer, DiscreteMamba2):
-        layout = {"x": 0, "B": inner, "C": 2 * inner, "z": 3 * inner, "dt": 4 * inner}
-    else:
+    if not isinstance(mixer, (Mamba2, DiscreteMamba2)):
         raise TypeError(f"no seeding rule for {type(mixer).__name__}")
+    heads = _per_head(weights, repeat_kv=mixer.config.n_kv_heads is None)
+    sources = {"x": heads["v"], "B": heads["k"], "C": heads["q"]}
+    rows = mixer.in_proj_rows()
 
     weight, bias = mixer.in_proj.weight, mixer.in_proj.bias
+    if bias is None and has_bias(weights):
+        raise ValueError("the teacher's attention has biases, and this mixer's in_proj has none")
     weight.zero_()
-    bias.zero_()
-    for name, (w, b) in rows.items():
-        start = layout[name]
-        weight[start : start + inner] = w
+    if bias is not None:
+        bias.zero_()
+    for name, (w, b) in sources.items():
+        weight[rows[name]] = w
         if b is not None:
-            bias[start : start + inner] = b
-    bias[layout["z"] : layout["z"] + inner] = SILU_ONE
+            bias[rows[name]] = b
+    if bias is not None:
+        bias[rows["z"]] = SILU_ONE  # a mean gate (no bias) is seeded on calibration inputs: seed_mean_gate
 
     if isinstance(mixer, DiscreteMamba2):
         # decay exp(-softplus(a)) with softplus(a) log-uniform in [1e-3, 1e-1], as Mamba-2's dt range
         dt = torch.exp(torch.rand(mixer.config.n_heads) * math.log(100) + math.log(1e-3))
-        bias[layout["dt"] :] = dt + torch.log(-torch.expm1(-dt))
+        bias[rows["dt"]] = dt + torch.log(-torch.expm1(-dt))
 
     mixer.conv1d.weight.zero_()
     mixer.conv1d.weight[:, 0, -1] = 1.0
@@ -136,7 +177,7 @@ BETA_SEED = float(BETA_GRID[0])
 @torch.no_grad()
 def seed_gated_deltanet(mixer: GatedDeltaNet, weights: AttentionWeights) -> None:
     """q/k/v/out projections from attention, the rest a no-op or input-independent (module docstring)."""
-    heads = _per_head(weights)
+    heads = _per_head(weights, repeat_kv=mixer.config.n_kv_heads is None)
     for proj, name in ((mixer.q_proj, "q"), (mixer.k_proj, "k"), (mixer.v_proj, "v")):
         w, b = heads[name]
         proj.weight.copy_(w)
@@ -173,8 +214,33 @@ def _copy_out_proj(out_proj: torch.nn.Linear, weights: AttentionWeights) -> None
     out_proj.weight.copy_(weights.o_weight)
     if weights.o_bias is not None:
         out_proj.bias.copy_(weights.o_bias)
-    else:
+    elif out_proj.bias is not None:
         out_proj.bias.zero_()
+
+
+@torch.no_grad()
+def seed_mean_gate(mixer: Mamba2, inputs: torch.Tensor) -> dict[str, float]:
+    """Seed a gate without bias from the layer's calibration `inputs` (..., d_model): every z row becomes
+    alpha * r, r the unit mean input direction, alpha = MEAN_GATE_LEVEL / median(r.u) (the mean of r.u,
+    which is |mean u| > 0, if the median is not positive). A z bias, if in_proj has one, is set to 0.
+
+    Returns alpha, the median of r.u, and the fraction of calibration tokens with r.u <= 0, on which the
+    gate is not positive and the seeded mixer is not the pass-through-gated one."""
+    u = inputs.reshape(-1, inputs.shape[-1]).double()
+    r = u.mean(0)
+    r = r / r.norm()
+    projection = u @ r
+    median = projection.median()
+    alpha = MEAN_GATE_LEVEL / (median if median > 0 else projection.mean())
+    rows = mixer.in_proj_rows()["z"]
+    mixer.in_proj.weight[rows] = (alpha * r).to(mixer.in_proj.weight.dtype)
+    if mixer.in_proj.bias is not None:
+        mixer.in_proj.bias[rows] = 0.0
+    return {
+        "alpha": float(alpha),
+        "median_projection": float(median),
+        "nonpositive_fraction": float((projection <= 0).double().mean()),
+    }
 
 
 def head_rms(outputs: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -219,7 +285,7 @@ def set_decay(mixer: SSDMixer | GatedDeltaNet, decay: torch.Tensor) -> None:
         dt = rate / torch.exp(mixer.A_log.double())  # log a = -dt * exp(A_log)
         mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     else:  # log a = -softplus(bias)
-        rows = mixer.in_proj.bias[4 * mixer.inner :]
+        rows = mixer.in_proj.bias[mixer.in_proj_rows()["dt"]]
         rows.copy_(rate + torch.log(-torch.expm1(-rate)))
 
 
@@ -259,7 +325,7 @@ def calibrate_mixer(
         gain = mixer.norm.weight if isinstance(mixer, Mamba2) else mixer.o_norm.weight
         gain.mul_(per_channel.to(gain.dtype))
     else:
-        z = mixer.in_proj.bias[3 * mixer.inner : 4 * mixer.inner]
+        z = mixer.in_proj.bias[mixer.in_proj_rows()["z"]]
         z.copy_(inverse_silu(F.silu(z.float()) * per_channel).to(z.dtype))
     return {**chosen, "scale": factors}
 

@@ -76,6 +76,11 @@ def student_problems(config: PreTrainedConfig) -> list[str]:
 def _mixer_problems(config: PreTrainedConfig) -> list[str]:
     mixer = mixer_config(config)
     problems = []
+    if mixer.gate == "none":
+        problems.append(
+            "its mixers have no output gate (mixer_config.gate 'none'), and every target's Mamba-2 gates "
+            "its norm with silu(z); convert with --gate z or --gate mean to export"
+        )
     if mixer.bc_norm:
         problems.append(
             f"its mixers normalise B and C (mixer_config.bc_norm {mixer.bc_norm!r}, from the teacher's "

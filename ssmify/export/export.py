@@ -20,6 +20,7 @@ from ssmify.export.card import model_card
 from ssmify.export.checks import choose_target
 from ssmify.export.engine_rules import llamacpp_cuda_warnings
 from ssmify.export.engines.verify import engines_to_verify, verify_in_engines
+from ssmify.export.expand import expand_kv_width
 from ssmify.export.padding import pad_state as zero_pad_state
 from ssmify.export.spec import read_student
 from ssmify.export.targets import TARGETS
@@ -83,7 +84,7 @@ def export(
     was_training = reference.training
     reference.eval()
     try:
-        spec = read_student(reference)
+        spec = expand_kv_width(read_student(reference))
         if pad_state is not None:
             if pad_state < spec.mixer.d_state:
                 raise SsmifyError(

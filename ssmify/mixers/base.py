@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ssmify.errors import SsmifyError
 from ssmify.mixers.conv import causal_conv1d, causal_conv1d_step
 from ssmify.mixers.kernels import kernels_for
 from ssmify.mixers.ssd import ssd_chunked, ssd_matrix, ssd_step
@@ -33,10 +34,29 @@ def bc_norms(kind: str, d_state: int, eps: float) -> tuple[nn.Module, nn.Module]
     raise ValueError(f"bc_norm must be 'rms', 'layer' or None, not {kind!r}")
 
 
+def xb_sizes(config) -> tuple[int, int]:
+    """(heads of x, groups of B) as projected: n_kv_heads of each in the kv-width layout, else n_heads
+    and n_groups."""
+    kv = config.n_kv_heads
+    return (kv or config.n_heads, kv or config.n_groups)
+
+
+def check_kv_heads(config) -> None:
+    """n_heads a multiple of n_groups, and n_groups of n_kv_heads (each C group reads one B group)."""
+    if config.n_heads % config.n_groups:
+        raise ValueError(f"n_heads ({config.n_heads}) must be a multiple of n_groups ({config.n_groups})")
+    kv = config.n_kv_heads
+    if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or config.n_groups % kv):
+        raise SsmifyError(
+            f"mixer_config.n_kv_heads: must be null or a positive divisor of n_groups {config.n_groups}, "
+            f"not {kv!r}"
+        )
+
+
 class SSDMixer(nn.Module):
-    """Base class. Subclasses set `config` (with n_heads, head_dim, n_groups, d_state, d_conv,
-    chunk_size, bc_norm), `inner`, `conv_dim`, `conv1d`, `D`, `conv_activation`, and B_norm/C_norm
-    when config.bc_norm."""
+    """Base class. Subclasses set `config` (with n_heads, head_dim, n_groups, n_kv_heads, d_state, d_conv,
+    chunk_size, bc_norm, and `in_proj_segments()`), `inner`, `conv_dim`, `in_proj`, `conv1d`, `D`,
+    `conv_activation`, and B_norm/C_norm when config.bc_norm."""
 
     config: object
     inner: int
@@ -46,16 +66,17 @@ class SSDMixer(nn.Module):
     conv_activation: Callable[[torch.Tensor], torch.Tensor]
 
     # --- subclass hooks -------------------------------------------------------------------------
-    def project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """in_proj, split into the gate z, the conv input xBC, and the raw time-step (..., heads)."""
+    def project(self, u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """in_proj, split into the gate z (None without one), the conv input xBC, and the raw time-step
+        (..., heads)."""
         raise NotImplementedError
 
     def discretize(self, raw: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Raw time-step -> (input scale or None, log-decay), both (..., heads), fp32."""
         raise NotImplementedError
 
-    def output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """SSM output (..., heads, head_dim) and gate -> (..., d_model)."""
+    def output(self, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """SSM output (..., heads, head_dim) and gate (None for an ungated mixer) -> (..., d_model)."""
         raise NotImplementedError
 
     def kernel_scan(self, kernels: SimpleNamespace, x, raw, B, C, initial_state):
@@ -67,15 +88,33 @@ class SSDMixer(nn.Module):
         raise NotImplementedError
 
     # --- shared pieces --------------------------------------------------------------------------
+    def in_proj_rows(self) -> dict[str, slice]:
+        """Where each segment of `config.in_proj_segments()` lies in in_proj's output rows."""
+        rows, start = {}, 0
+        for name, size in self.config.in_proj_segments().items():
+            rows[name] = slice(start, start + size)
+            start += size
+        return rows
+
     def split_xbc(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, d_state)."""
+        """(..., conv_dim) -> x (..., heads, head_dim), B and C (..., groups, d_state).
+
+        In the kv-width layout x and B come in fewer heads / groups and are repeated here, each to the
+        heads / C groups that read it, as GQA's repeat_kv shares a key/value head among query heads.
+        """
         c = self.config
-        x, B, C = xBC.split([self.inner, c.n_groups * c.d_state, c.n_groups * c.d_state], dim=-1)
-        B = B.unflatten(-1, (c.n_groups, c.d_state))
+        x_heads, b_groups = xb_sizes(c)
+        x, B, C = xBC.split([x_heads * c.head_dim, b_groups * c.d_state, c.n_groups * c.d_state], dim=-1)
+        x = x.unflatten(-1, (x_heads, c.head_dim))
+        B = B.unflatten(-1, (b_groups, c.d_state))
         C = C.unflatten(-1, (c.n_groups, c.d_state))
         if c.bc_norm:
             B, C = self.B_norm(B), self.C_norm(C)
-        return x.unflatten(-1, (c.n_heads, c.head_dim)), B, C
+        if x_heads != c.n_heads:
+            x = x.repeat_interleave(c.n_heads // x_heads, dim=-2)
+        if b_groups != c.n_groups:
+            B = B.repeat_interleave(c.n_groups // b_groups, dim=-2)
+        return x, B, C
 
     def conv(self, xBC: torch.Tensor, conv_state: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv_activation(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state))

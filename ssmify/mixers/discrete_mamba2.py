@@ -7,6 +7,8 @@
     out = out_proj(y * silu(z + z_bias))                       (no norm)
 
 `n_groups` is phi-mamba's `n_qk_heads` (heads of B and C); `n_heads` is its `n_v_heads`.
+`n_kv_heads` is the kv-width layout, as in `mamba2.py`: x and B projected at n_kv_heads heads / groups and
+repeated after the conv.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmify.mixers.base import SSDMixer, bc_norms, fp32_or_wider
+from ssmify.mixers.base import SSDMixer, bc_norms, check_kv_heads, fp32_or_wider, xb_sizes
 
 
 @dataclass
@@ -33,10 +35,21 @@ class DiscreteMamba2Config:
     conv_bias: bool = True
     bc_norm: str | None = None  # "rms" or "layer": a norm on each group of B and C (a teacher's k/q norms)
     bc_norm_eps: float = 1e-6
+    n_kv_heads: int | None = None  # x, B at n_kv_heads heads / groups, repeated; None: full width
 
     def __post_init__(self) -> None:
-        if self.n_heads % self.n_groups:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_groups ({self.n_groups})")
+        check_kv_heads(self)
+
+    def in_proj_segments(self) -> dict[str, int]:
+        """in_proj's output rows, in order: the conv input x B C, the gate z, the decay a."""
+        x_heads, b_groups = xb_sizes(self)
+        return {
+            "x": x_heads * self.head_dim,
+            "B": b_groups * self.d_state,
+            "C": self.n_groups * self.d_state,
+            "z": self.n_heads * self.head_dim,
+            "dt": self.n_heads,
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,8 +62,9 @@ class DiscreteMamba2(SSDMixer):
         super().__init__()
         self.config = c = config
         self.inner = c.n_heads * c.head_dim
-        self.conv_dim = self.inner + 2 * c.n_groups * c.d_state
-        self.in_proj = nn.Linear(c.d_model, self.conv_dim + self.inner + c.n_heads, bias=c.bias)
+        segments = c.in_proj_segments()
+        self.conv_dim = segments["x"] + segments["B"] + segments["C"]
+        self.in_proj = nn.Linear(c.d_model, sum(segments.values()), bias=c.bias)
         if not c.bias:
             self.z_bias = nn.Parameter(torch.zeros(self.inner))
         self.conv1d = nn.Conv1d(

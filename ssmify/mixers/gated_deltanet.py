@@ -26,6 +26,9 @@ and M is the L x L mixing matrix per head. With keys pairwise orthogonal, T = I 
 linear attention (Q K^T * D) diag(beta); as beta -> 0, M / beta -> Q K^T * D.
 
 `forward` applies the same algebra in chunks, carrying S across them; `step` is the recurrence itself.
+
+`n_kv_heads` is the kv-width layout: k_proj and v_proj (and their conv channels) for n_kv_heads heads, each
+repeated after the conv to the n_heads // n_kv_heads heads that read it, as GQA shares keys and values.
 """
 
 from __future__ import annotations
@@ -67,12 +70,21 @@ class GatedDeltaNetConfig:
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     A_init_range: tuple[float, float] = (1.0, 16.0)
+    n_kv_heads: int | None = None  # k and v at n_kv_heads heads, repeated after the conv; None: n_heads
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_heads", "head_dim", "d_conv", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SsmifyError(f"mixer_config.{name}: must be a positive integer, not {value!r}")
+        kv = self.n_kv_heads
+        if kv is not None and (
+            not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or self.n_heads % kv
+        ):
+            raise SsmifyError(
+                f"mixer_config.n_kv_heads: must be null or a positive divisor of n_heads {self.n_heads}, "
+                f"not {kv!r}"
+            )
         if self.qk_norm not in (None, "rms", "layer"):
             raise SsmifyError(f"mixer_config.qk_norm: must be 'rms', 'layer' or null, not {self.qk_norm!r}")
         if not isinstance(self.allow_neg_eigval, bool):
@@ -205,10 +217,12 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         self.config = c = config
         self.inner = c.n_heads * c.head_dim
-        self.conv_dim = 3 * self.inner
+        self.kv_heads = c.n_kv_heads or c.n_heads
+        self.kv_inner = self.kv_heads * c.head_dim
+        self.conv_dim = self.inner + 2 * self.kv_inner
         self.q_proj = nn.Linear(c.d_model, self.inner, bias=c.bias)
-        self.k_proj = nn.Linear(c.d_model, self.inner, bias=c.bias)
-        self.v_proj = nn.Linear(c.d_model, self.inner, bias=c.bias)
+        self.k_proj = nn.Linear(c.d_model, self.kv_inner, bias=c.bias)
+        self.v_proj = nn.Linear(c.d_model, self.kv_inner, bias=c.bias)
         self.a_proj = nn.Linear(c.d_model, c.n_heads, bias=False)
         self.b_proj = nn.Linear(c.d_model, c.n_heads, bias=True)
         self.g_proj = nn.Linear(c.d_model, self.inner, bias=True)
@@ -234,15 +248,20 @@ class GatedDeltaNet(nn.Module):
 
     # --- pieces ---------------------------------------------------------------------------------
     def qkv(self, u: torch.Tensor) -> torch.Tensor:
-        """The conv input: q, k and v projections side by side, (..., 3 * inner)."""
+        """The conv input: q, k and v projections side by side, (..., conv_dim)."""
         return torch.cat([self.q_proj(u), self.k_proj(u), self.v_proj(u)], dim=-1)
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Post-conv (..., 3 * inner) -> q (scaled by 1/sqrt(d)), k (both l2-normalised) and v, (..., heads, d)."""
+        """Post-conv (..., conv_dim) -> q (scaled by 1/sqrt(d)), k (both l2-normalised) and v, (..., heads, d);
+        in the kv-width layout k and v are repeated to every head here."""
         c = self.config
-        q, k, v = (t.unflatten(-1, (c.n_heads, c.head_dim)) for t in fp32_or_wider(qkv).split(self.inner, -1))
+        q, k, v = fp32_or_wider(qkv).split([self.inner, self.kv_inner, self.kv_inner], -1)
+        q = q.unflatten(-1, (c.n_heads, c.head_dim))
+        k, v = (t.unflatten(-1, (self.kv_heads, c.head_dim)) for t in (k, v))
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.kv_heads != c.n_heads:
+            k, v = (t.repeat_interleave(c.n_heads // self.kv_heads, dim=-2) for t in (k, v))
         return l2norm(q) / math.sqrt(c.head_dim), l2norm(k), v
 
     def gates(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

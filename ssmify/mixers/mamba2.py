@@ -5,6 +5,13 @@ xBC --causal depthwise conv--> SiLU --> x, B, C            (optional per-group R
 dt = softplus(dt + dt_bias),  A = -exp(A_log)
 y = SSD(x * dt, log_a = dt * A, B, C) + D x
 out = out_proj(RMSNorm_per_group(y * silu(z)))
+
+Two lean variants (config fields, both off by default):
+- `n_kv_heads`, the kv-width layout (MambaInLlama's d_xb): x is projected at n_kv_heads heads and B at
+  n_kv_heads groups, and both are repeated to every head / C group after the conv, as GQA's repeat_kv shares
+  keys and values. The conv is depthwise, so this equals the full layout with repeated rows and conv
+  channels (which is how export writes it).
+- `gate = "none"`: no z rows; out = out_proj(RMSNorm_per_group(y)).
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmify.mixers.base import SSDMixer, bc_norms, fp32_or_wider
+from ssmify.errors import SsmifyError
+from ssmify.mixers.base import SSDMixer, bc_norms, check_kv_heads, fp32_or_wider, xb_sizes
+
+GATES = ("z", "none")
 
 
 @dataclass
@@ -40,17 +50,32 @@ class Mamba2Config:
     dt_init_floor: float = 1e-4
     dt_limit: tuple[float, float] | None = None
     A_init_range: tuple[float, float] = (1.0, 16.0)
+    n_kv_heads: int | None = None  # x, B at n_kv_heads heads / groups, repeated; None: full width
+    gate: str = "z"  # "z": out = norm(y * silu(z)); "none": no z rows, out = norm(y)
 
     def __post_init__(self) -> None:
-        if self.n_heads % self.n_groups:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_groups ({self.n_groups})")
+        check_kv_heads(self)
+        if self.gate not in GATES:
+            raise SsmifyError(f"mixer_config.gate: must be one of {', '.join(GATES)}, not {self.gate!r}")
+
+    def in_proj_segments(self) -> dict[str, int]:
+        """in_proj's output rows, in order: the gate z, the conv input x B C, the time-step dt."""
+        x_heads, b_groups = xb_sizes(self)
+        return {
+            "z": self.n_heads * self.head_dim if self.gate == "z" else 0,
+            "x": x_heads * self.head_dim,
+            "B": b_groups * self.d_state,
+            "C": self.n_groups * self.d_state,
+            "dt": self.n_heads,
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) over groups of `group_size` channels, as transformers' MambaRMSNormGated."""
+    """RMSNorm(y * silu(z)) over groups of `group_size` channels, as transformers' MambaRMSNormGated;
+    RMSNorm(y) when there is no gate (z None)."""
 
     def __init__(self, width: int, group_size: int, eps: float):
         super().__init__()
@@ -58,9 +83,11 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         dtype = y.dtype
-        y = fp32_or_wider(y) * F.silu(fp32_or_wider(z))
+        y = fp32_or_wider(y)
+        if z is not None:
+            y = y * F.silu(fp32_or_wider(z))
         y = y.unflatten(-1, (-1, self.group_size))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.flatten(-2).to(dtype)
@@ -73,8 +100,10 @@ class Mamba2(SSDMixer):
         super().__init__()
         self.config = c = config
         self.inner = c.n_heads * c.head_dim
-        self.conv_dim = self.inner + 2 * c.n_groups * c.d_state
-        self.in_proj = nn.Linear(c.d_model, self.inner + self.conv_dim + c.n_heads, bias=c.bias)
+        segments = c.in_proj_segments()
+        self.z_width = segments["z"]
+        self.conv_dim = segments["x"] + segments["B"] + segments["C"]
+        self.in_proj = nn.Linear(c.d_model, sum(segments.values()), bias=c.bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim,
             self.conv_dim,
@@ -103,7 +132,8 @@ class Mamba2(SSDMixer):
         self.D.fill_(1.0)
 
     def project(self, u):
-        return self.in_proj(u).split([self.inner, self.conv_dim, self.config.n_heads], dim=-1)
+        z, xBC, raw = self.in_proj(u).split([self.z_width, self.conv_dim, self.config.n_heads], dim=-1)
+        return (z if self.z_width else None), xBC, raw
 
     def discretize(self, raw):
         dt = F.softplus(fp32_or_wider(raw) + self.dt_bias)
