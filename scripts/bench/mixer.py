@@ -140,13 +140,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--peers", action="store_true", help="ssmify's vs transformers' Mamba-2 scan")
+    parser.add_argument("--rounds", type=int, default=3, help="--peers: alternating rounds per length")
     args = parser.parse_args()
     lengths, repeats = ([64, 128], 1) if args.quick else (args.lengths, args.repeats)
 
     import torch
 
     if args.peers:
-        peers(lengths, repeats, args.threads, args.json)
+        peers(lengths, repeats, 1 if args.quick else args.rounds, args.threads, args.json)
         return
 
     print(
@@ -181,14 +182,14 @@ def main() -> None:
             json.dump(rows, f, indent=2)
 
 
-def peers(lengths: list[int], repeats: int, threads: int, json_path: str | None) -> None:
+def peers(lengths: list[int], repeats: int, rounds: int, threads: int, json_path: str | None) -> None:
     """The --peers table: the two Mamba-2 scans, measured alternately at each length."""
     import os
 
     print(
         f"ssmify vs transformers Mamba-2 scan (raw x, dt, B, C; softplus dt, chunked scan, D skip), batch 1, "
         f"{HEADS}x{HEAD_DIM} heads, n_groups {HEADS}, d_state {D_STATE}, chunk 64, {threads} threads, "
-        f"median of {repeats} after a warm-up, load average {os.getloadavg()[0]:.2f} at the start"
+        f"median of {repeats} after a warm-up, median of {rounds} alternating rounds, load average {os.getloadavg()[0]:.2f} at the start"
     )
     header = (
         f"{'L':>6} | {'ssmify fwd s':>12} | {'hf fwd s':>9} | {'hf/ssmify fwd':>13} | {'ssmify f+b s':>12} | "
@@ -198,8 +199,16 @@ def peers(lengths: list[int], repeats: int, threads: int, json_path: str | None)
     print("-" * len(header))
     rows = []
     for length in lengths:
-        ours = measure("mamba2_ssmify", length, repeats, threads)
-        theirs = measure("mamba2_transformers", length, repeats, threads)
+        # Alternate the two, one fresh process each, `rounds` times: a load spike on the shared machine
+        # then hits one round of one side, and the median of the rounds leaves it out.
+        runs: dict[str, list[dict]] = {"mamba2_ssmify": [], "mamba2_transformers": []}
+        for _ in range(rounds):
+            for method, results in runs.items():
+                results.append(measure(method, length, repeats, threads))
+        ours, theirs = (
+            {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for results in runs.values()
+        )
         row = {"length": length, "ssmify": ours, "transformers": theirs}
         row["forward_ratio"] = theirs["forward_seconds"] / ours["forward_seconds"]
         row["forward_backward_ratio"] = theirs["seconds"] / ours["seconds"]
