@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_distill_support import write_corpus, write_teacher
 from tiny_models import tiny_model
 
@@ -147,6 +148,82 @@ def test_mixer_benchmark_reports_every_method_at_every_length(tmp_path: Path):
         assert row["gated_deltanet_over_chunked"] == pytest.approx(
             row["gated_deltanet_seconds"] / row["chunked_seconds"]
         )
+
+
+def test_mixer_peers_time_ssmify_and_transformers_mamba2_scans_forward_and_backward(tmp_path: Path):
+    report = tmp_path / "peers.json"
+    stdout = run_script("mixer.py", "--peers", "--threads", "1", "--json", str(report))
+    rows = json.loads(report.read_text())
+    assert [r["length"] for r in rows] == [64, 128]
+    for row in rows:
+        for name in ("ssmify", "transformers"):
+            assert row[name]["forward_seconds"] > 0 and row[name]["seconds"] > 0
+        assert row["forward_ratio"] == pytest.approx(
+            row["transformers"]["forward_seconds"] / row["ssmify"]["forward_seconds"]
+        )
+        assert row["forward_backward_ratio"] == pytest.approx(
+            row["transformers"]["seconds"] / row["ssmify"]["seconds"]
+        )
+    assert "hf/ssmify f+b" in stdout
+
+
+def test_decode_by_batch_times_four_models_at_each_batch_and_context(workspace: Path):
+    report = workspace / "decode_batches.json"
+    stdout = run_script(
+        "decode.py",
+        *("--teacher", str(workspace / "teacher"), "--threads", "1", "--json", str(report)),
+        *("--batches", "1", "3", "--max-batch-context", "32"),
+    )
+    points = json.loads(report.read_text())["points"]
+    assert [p["length"] for p in points] == [32, 64]
+    for point in points:
+        batches = (1, 3) if point["length"] == 32 else (1,)  # batch 3 only up to --max-batch-context
+        for name in ("teacher", "teacher_static", "ssm", "hybrid"):
+            assert point[name]["prefill_s"] > 0
+            assert sorted(k for k in point[name] if k.endswith("tokens_per_s")) == sorted(
+                f"batch{b}_tokens_per_s" for b in batches
+            )
+        for b in batches:
+            assert point[f"ssm_over_teacher_static_batch{b}"] == pytest.approx(
+                point["ssm"][f"batch{b}_tokens_per_s"] / point["teacher_static"][f"batch{b}_tokens_per_s"]
+            )
+    assert "SSM/static" in stdout
+
+
+def test_decode_by_batch_widens_every_kind_of_cache_without_changing_the_next_token(workspace: Path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from decode import widened
+    finally:
+        sys.path.remove(str(BENCH))
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    import ssmify
+
+    teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher").eval()
+    student = ssmify.convert(teacher, keep_attention=0.5)
+    ids = torch.randint(3, 60, (1, 20))
+    for model, cache in ((teacher, StaticCache(teacher.config, max_cache_len=24)), (student, None)):
+        with torch.no_grad():
+            out = model(ids, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            alone = model(token, cache=widened(out.cache, 1), use_cache=True).logits[:, -1]
+            together = model(token.repeat(3, 1), cache=widened(out.cache, 3), use_cache=True).logits[:, -1]
+        torch.testing.assert_close(together, alone.expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_memory_measures_teacher_and_pure_ssm_in_fresh_processes(workspace: Path):
+    report = workspace / "prefill_memory.json"
+    stdout = run_script("prefill_memory.py", "--teacher", str(workspace / "teacher"), "--json", str(report))
+    points = json.loads(report.read_text())
+    assert [p["length"] for p in points] == [64, 160]
+    for point in points:
+        for name in ("teacher", "ssm", "ssm_whole"):
+            assert point[name]["peak_bytes"] > 0 and point[name]["prefill_s"] > 0
+        assert point["ssm_over_teacher"] == pytest.approx(
+            point["ssm"]["peak_bytes"] / point["teacher"]["peak_bytes"]
+        )
+    assert "chunked/teacher" in stdout
 
 
 def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_samples(workspace: Path):

@@ -9,6 +9,7 @@ from transformers import Mamba2Config as HFMamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 from ssmify.mixers import DiscreteMamba2, DiscreteMamba2Config, Mamba2, Mamba2Config
+from ssmify.mixers.ssd import ssd_step, ssd_update_
 
 D_MODEL, HEADS, HEAD_DIM, D_STATE, GROUPS = 24, 4, 6, 5, 2
 # The lean variants: "_kv" projects x for 2 heads (each repeated to 2 of the 4) and B for 2 groups,
@@ -160,6 +161,19 @@ def test_step_by_step_equals_forward(kind):
     state = mixer.allocate_state(3)
     stepped = torch.stack([mixer.step(u[:, t], state) for t in range(29)], 1)
     torch.testing.assert_close(stepped, mixer(u), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_in_place_update_gives_the_reference_steps_output_and_state(groups):
+    g = torch.Generator().manual_seed(groups)
+    state = torch.randn(3, HEADS, HEAD_DIM, D_STATE, generator=g)
+    x = torch.randn(3, HEADS, HEAD_DIM, generator=g)
+    log_a = -torch.rand(3, HEADS, generator=g)
+    B, C = torch.randn(2, 3, groups, D_STATE, generator=g)
+    y, expected = ssd_step(state, x, log_a, B, C)
+    updated = state.clone()
+    torch.testing.assert_close(ssd_update_(updated, x, log_a, B, C), y)
+    torch.testing.assert_close(updated, expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -23,6 +23,16 @@ RoPE extends to any position, so the speed is real even though the teacher's qua
 --static-teacher adds the teacher decoding with transformers' StaticCache (preallocated to the
 context plus the new tokens, so no per-token copy of the cache), the strongest plain-transformers
 baseline on CPU; the pure SSM's speedup over it is printed too.
+
+    python scripts/bench/decode.py --batches 1 16 --lengths 512 2048 4096 8192   # decode steps by batch
+
+--batches measures the decode step itself at several batch sizes, the four models (teacher with its
+default DynamicCache, teacher with a StaticCache, pure SSM, hybrid) interleaved at each context: one
+prefill per model and context through `generate(max_new_tokens=1)` (the students' chunked prefill,
+the static teacher's StaticCache sized for the new tokens), then, for each batch size, the cache
+repeated to the batch (a step's cost depends on the cache's size, not its contents, so the batch-16
+prompts need not be prefilled 16 times) and --decode-tokens greedy forward steps timed. Batch sizes
+above 1 skip contexts past --max-batch-context (the teacher's KV cache is batch x its batch-1 size).
 """
 
 from __future__ import annotations
@@ -48,6 +58,118 @@ LABELS = {
 
 def mib(value: int | None) -> str:
     return f"{value / 2**20:.2f}" if value is not None else "n/a"
+
+
+def widened(cache, batch: int):
+    """A copy of `cache` with every sequence repeated `batch` times (KV layers, static layers, mixer states)."""
+    from transformers.cache_utils import StaticLayer
+
+    cache = copy.deepcopy(cache)
+    if batch == 1:
+        return cache
+    for layer in cache.layers:
+        if isinstance(layer, StaticLayer):  # transformers has no batch_repeat_interleave for these
+            layer.keys = layer.keys.repeat_interleave(batch, dim=0)
+            layer.values = layer.values.repeat_interleave(batch, dim=0)
+            layer.batch_size = batch
+        else:
+            layer.batch_repeat_interleave(batch)
+    return cache
+
+
+def decode_by_batch(model, context: torch.Tensor, batches: list[int], steps: int, static: bool) -> dict:
+    """Prefill `context` (1, L) once, then per batch size: tokens/s of `steps` greedy forward steps."""
+    from transformers import StaticCache
+
+    length = context.shape[1]
+    extra = {}
+    if static:  # our own StaticCache, with room for the decode steps (generate's would end at the prompt)
+        extra = {
+            "cache": StaticCache(model.config, max_cache_len=length + steps + 2),
+            "cache_implementation": None,
+        }
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=context,
+            attention_mask=torch.ones_like(context),
+            max_new_tokens=1,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **extra,
+        )
+        result: dict = {"prefill_s": time.perf_counter() - start}
+        for batch in batches:
+            cache = widened(out.cache, batch)
+            token = out.sequences[:, -1:].repeat(batch, 1)
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits
+                token = logits[:, -1:].argmax(-1)
+            result[f"batch{batch}_tokens_per_s"] = batch * steps / (time.perf_counter() - start)
+            del cache
+    return result
+
+
+def by_batch(models: dict, pool, generator, args) -> None:
+    """The --batches run: decode tokens/s per batch size and context, four models interleaved."""
+    started = time.perf_counter()
+    print(
+        f"decode steps by batch: batches {args.batches}, {args.decode_tokens} steps, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} "
+        "at the start",
+        flush=True,
+    )
+    warmup = pool[torch.randint(len(pool), (1, 16), generator=generator)]
+    for name, model in models.items():
+        decode_by_batch(model, warmup, args.batches, 2, name == "teacher_static")
+    points = []
+    for length in args.lengths:
+        context = pool[torch.randint(len(pool), (1, length), generator=generator)]
+        batches = [b for b in args.batches if b == 1 or length <= args.max_batch_context]
+        point: dict = {"length": length}
+        for name, model in models.items():
+            point[name] = decode_by_batch(
+                model, context, batches, args.decode_tokens, name == "teacher_static"
+            )
+            print(f"  L={length:>6} {name:<14} {json.dumps(point[name])}", flush=True)
+        for batch in batches:
+            key = f"batch{batch}_tokens_per_s"
+            for name in ("ssm", "hybrid"):
+                for base in ("teacher", "teacher_static"):
+                    point[f"{name}_over_{base}_batch{batch}"] = point[name][key] / point[base][key]
+        points.append(point)
+    minutes = (time.perf_counter() - started) / 60
+    print(
+        f"\ndecode tokens/s (all sequences of the batch together); load average at the end "
+        f"{os.getloadavg()[0]:.2f}, {minutes:.1f} min"
+    )
+    header = (
+        f"{'batch':>5} | {'context':>7} | {'teacher':>8} | {'static':>8} | {'pure SSM':>8} | {'hybrid':>8} | "
+        f"{'SSM/static':>10} | {'SSM/teacher':>11} | {'hybrid/static':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for batch in args.batches:
+        for p in points:
+            key = f"batch{batch}_tokens_per_s"
+            if key not in p["ssm"]:
+                continue
+            print(
+                f"{batch:>5} | {p['length']:>7} | {p['teacher'][key]:>8.2f} | {p['teacher_static'][key]:>8.2f} | "
+                f"{p['ssm'][key]:>8.2f} | {p['hybrid'][key]:>8.2f} | "
+                f"{p[f'ssm_over_teacher_static_batch{batch}']:>9.2f}x | "
+                f"{p[f'ssm_over_teacher_batch{batch}']:>10.2f}x | {p[f'hybrid_over_teacher_static_batch{batch}']:>12.2f}x"
+            )
+    print("\nprefill seconds (generate(max_new_tokens=1), batch 1)")
+    for p in points:
+        print(f"{p['length']:>7} | " + " | ".join(f"{n} {p[n]['prefill_s']:8.2f}" for n in models))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"batches": args.batches, "steps": args.decode_tokens, "points": points}, indent=2)
+            + "\n"
+        )
 
 
 def profile_decode(model, context: torch.Tensor, steps: int, rows: int) -> str:
@@ -89,6 +211,10 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, metavar="LENGTH", help="after measuring, profile decoding at this context"
     )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", help="decode steps at these batch sizes (see above)"
+    )
+    parser.add_argument("--max-batch-context", type=int, default=4096, help="longest context for batch > 1")
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.decode_tokens = [32, 64], 4
@@ -111,7 +237,7 @@ def main() -> None:
         "ssm": convert(teacher, keep_attention=0.0, init="random", tokenizer=tokenizer).eval(),
         "hybrid": convert(teacher, keep_attention=0.5, init="random", tokenizer=tokenizer).eval(),
     }
-    if args.static_teacher:
+    if args.static_teacher or args.batches:
         static = copy.copy(teacher)  # the same weights; only its generation config differs
         static.generation_config = copy.deepcopy(teacher.generation_config)
         static.generation_config.cache_implementation = "static"
@@ -119,6 +245,9 @@ def main() -> None:
     limit = max_positions(teacher)
     generator = torch.Generator().manual_seed(0)
     pool = ordinary_tokens(tokenizer, teacher)
+    if args.batches:
+        by_batch(models, pool, generator, args)
+        return
     warmup = pool[torch.randint(len(pool), (1, 16), generator=generator)]
     for model in models.values():
         measure(model, warmup, 2)

@@ -9,6 +9,13 @@ are measured side by side in one run.
 
     python scripts/bench/mixer.py            # L = 512 ... 8192
     python scripts/bench/mixer.py --quick    # tiny lengths: a smoke test
+    python scripts/bench/mixer.py --peers    # ssmify's Mamba-2 scan vs transformers' PyTorch Mamba-2 scan
+
+--peers compares like with like: both take the raw x, dt, B, C of a Mamba-2 layer at SmolLM2's
+mixer shape (9 heads x 64, n_groups 9, d_state 64, chunk 64) and do the same work (dt = softplus(dt +
+dt_bias), the chunked scan, the D skip): ssmify's as `Mamba2.scan` does it (`ssd_chunked`), and
+transformers' `mamba2_chunk_scan` (the PyTorch path `Mamba2Mixer` falls back to without mamba_ssm).
+Forward alone (no_grad) and forward + backward (gradients to x, dt, B and C) are both timed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ HEADS, HEAD_DIM, D_STATE = 9, 64, 64
 
 def _inputs(method: str, length: int, torch):
     g = torch.Generator().manual_seed(0)
+    if method.startswith("mamba2_"):
+        x = torch.randn(1, length, HEADS, HEAD_DIM, generator=g, requires_grad=True)
+        dt = (torch.randn(1, length, HEADS, generator=g) - 2).requires_grad_()
+        B, C = (torch.randn(1, length, HEADS, D_STATE, generator=g).div(8).requires_grad_() for _ in range(2))
+        return [x, dt, B, C]
     if method == "sdpa":
         return [torch.randn(1, HEADS, length, HEAD_DIM, generator=g, requires_grad=True) for _ in range(3)]
     if method == "gated_deltanet":
@@ -39,6 +51,28 @@ def _inputs(method: str, length: int, torch):
     return [x, log_a, B, C]
 
 
+def _mamba2_scans(torch):
+    """ssmify's and transformers' Mamba-2 scans on raw (x, dt, B, C), with the same A, D and dt_bias."""
+    import torch.nn.functional as F
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    from ssmify.mixers.ssd import ssd_chunked
+
+    g = torch.Generator().manual_seed(1)
+    A = -torch.exp(torch.rand(HEADS, generator=g) * 2)
+    D, dt_bias = torch.ones(HEADS), torch.rand(HEADS, generator=g) - 1
+
+    def ssmify_scan(x, dt, B, C):
+        dt = F.softplus(dt + dt_bias)
+        y, _ = ssd_chunked(x * dt[..., None], dt * A, B, C, chunk_size=64)
+        return y + x * D[:, None]
+
+    def transformers_scan(x, dt, B, C):
+        return mamba2_chunk_scan(x, dt, A, B, C, 64, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+    return {"mamba2_ssmify": ssmify_scan, "mamba2_transformers": transformers_scan}
+
+
 def _run(method: str, length: int, repeats: int, threads: int, queue) -> None:
     import torch
 
@@ -48,6 +82,7 @@ def _run(method: str, length: int, repeats: int, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     inputs = _inputs(method, length, torch)
     fn = {
+        **_mamba2_scans(torch),
         "chunked": lambda x, a, B, C: ssd_chunked(x, a, B, C, chunk_size=64)[0],
         "sequential": lambda x, a, B, C: ssd_sequential(x, a, B, C)[0],
         "gated_deltanet": lambda q, k, v, g, beta: delta_chunked(
@@ -55,6 +90,13 @@ def _run(method: str, length: int, repeats: int, threads: int, queue) -> None:
         )[0],
         "sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
     }[method]
+    forward = []
+    if method.startswith("mamba2_"):
+        with torch.no_grad():
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                fn(*inputs)
+                forward.append(time.perf_counter() - start)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(repeats + 1):  # the first run warms up
@@ -64,14 +106,24 @@ def _run(method: str, length: int, repeats: int, threads: int, queue) -> None:
         for t in inputs:
             t.grad = None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    queue.put({"seconds": statistics.median(times[1:]), "peak_mib": peak / 1024})
+    result = {"seconds": statistics.median(times[1:]), "peak_mib": peak / 1024}
+    if forward:
+        result["forward_seconds"] = statistics.median(forward[1:])
+    queue.put(result)
 
 
 def measure(method: str, length: int, repeats: int, threads: int) -> dict:
     # Each measurement forks from a server process that imported torch and the scan once (and ran
     # nothing, so no thread pool is forked): a fresh process per point without paying the imports again.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "ssmify.mixers.ssd", "ssmify.mixers.gated_deltanet"])
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "ssmify.mixers.ssd",
+            "ssmify.mixers.gated_deltanet",
+            "transformers.models.mamba2.modeling_mamba2",
+        ]
+    )
     queue = ctx.Queue()
     proc = ctx.Process(target=_run, args=(method, length, repeats, threads, queue))
     proc.start()
@@ -87,10 +139,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--peers", action="store_true", help="ssmify's vs transformers' Mamba-2 scan")
+    parser.add_argument("--rounds", type=int, default=3, help="--peers: alternating rounds per length")
     args = parser.parse_args()
     lengths, repeats = ([64, 128], 1) if args.quick else (args.lengths, args.repeats)
 
     import torch
+
+    if args.peers:
+        peers(lengths, repeats, 1 if args.quick else args.rounds, args.threads, args.json)
+        return
 
     print(
         f"SSD scan vs sequential scan vs Gated DeltaNet vs SDPA, forward+backward, batch 1, {HEADS}x{HEAD_DIM} heads, "
@@ -121,6 +179,49 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def peers(lengths: list[int], repeats: int, rounds: int, threads: int, json_path: str | None) -> None:
+    """The --peers table: the two Mamba-2 scans, measured alternately at each length."""
+    import os
+
+    print(
+        f"ssmify vs transformers Mamba-2 scan (raw x, dt, B, C; softplus dt, chunked scan, D skip), batch 1, "
+        f"{HEADS}x{HEAD_DIM} heads, n_groups {HEADS}, d_state {D_STATE}, chunk 64, {threads} threads, "
+        f"median of {repeats} after a warm-up, median of {rounds} alternating rounds, load average {os.getloadavg()[0]:.2f} at the start"
+    )
+    header = (
+        f"{'L':>6} | {'ssmify fwd s':>12} | {'hf fwd s':>9} | {'hf/ssmify fwd':>13} | {'ssmify f+b s':>12} | "
+        f"{'hf f+b s':>9} | {'hf/ssmify f+b':>13} | {'ssmify MiB':>10} | {'hf MiB':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for length in lengths:
+        # Alternate the two, one fresh process each, `rounds` times: a load spike on the shared machine
+        # then hits one round of one side, and the median of the rounds leaves it out.
+        runs: dict[str, list[dict]] = {"mamba2_ssmify": [], "mamba2_transformers": []}
+        for _ in range(rounds):
+            for method, results in runs.items():
+                results.append(measure(method, length, repeats, threads))
+        ours, theirs = (
+            {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for results in runs.values()
+        )
+        row = {"length": length, "ssmify": ours, "transformers": theirs}
+        row["forward_ratio"] = theirs["forward_seconds"] / ours["forward_seconds"]
+        row["forward_backward_ratio"] = theirs["seconds"] / ours["seconds"]
+        rows.append(row)
+        print(
+            f"{length:>6} | {ours['forward_seconds']:>12.3f} | {theirs['forward_seconds']:>9.3f} | "
+            f"{row['forward_ratio']:>12.2f}x | {ours['seconds']:>12.3f} | {theirs['seconds']:>9.3f} | "
+            f"{row['forward_backward_ratio']:>12.2f}x | {ours['peak_mib']:>10.0f} | {theirs['peak_mib']:>7.0f}",
+            flush=True,
+        )
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(rows, f, indent=2)
 
 

@@ -12,6 +12,9 @@ swaps the mixers in and loads the weights: no teacher weights, no network, no re
 Caching: a mixer layer keeps a `MixerState` in a `MixerCacheLayer`, which it puts into the model's
 ordinary `DynamicCache` in place of the KV layer at its index the first time it runs. Attention
 layers keep their KV cache. Decoding one token costs the same whatever the context length.
+
+Prefill: a student's `generate` prefills long prompts in chunks of `prefill_chunk_size` tokens (see
+`chunked_prefill_generate`), so its peak memory is bounded by a chunk, not by the prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from ssmify.mixers import build_mixer
 from ssmify.mixers.state import MixerState
 
 MODEL_TYPE = "ssmify"
+# Tokens per prefill chunk in `generate` (a multiple of the scans' chunk sizes); the config block's
+# "prefill_chunk_size" overrides it.
+PREFILL_CHUNK_SIZE = 2048
 
 
 class MixerCacheLayer(CacheLayerMixin):
@@ -190,11 +196,15 @@ def student_model_class(base_model_type: str) -> type[PreTrainedModel]:
         base.__init__(self, config)
         install_mixers(self, config)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return chunked_prefill_generate(base.generate, self, *args, **kwargs)
+
     cls = type(
         f"Ssmify{base.__name__}",
         (base,),
         {
             "__init__": __init__,
+            "generate": functools.wraps(base.generate)(generate),
             "__module__": __name__,
             "config_class": config_cls,
             "_is_stateful": True,  # tells generate() that the cache cannot be cropped or rolled back
@@ -202,6 +212,25 @@ def student_model_class(base_model_type: str) -> type[PreTrainedModel]:
     )
     AutoModelForCausalLM.register(config_cls, cls, exist_ok=True)
     return cls
+
+
+def chunked_prefill_generate(generate: Any, model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+    """`generate`, prefilling the prompt in chunks of the config block's "prefill_chunk_size" tokens.
+
+    transformers' own chunked prefill (`prefill_chunk_size` in the generation config) runs the model
+    over the prompt chunk after chunk with the cache: mixers carry their conv and SSM states across
+    chunks (a continued forward), attention layers their KV cache, so the result is the whole-prompt
+    prefill's, while activations (MLP, scan) only ever cover one chunk. Hooking generate, rather than
+    splitting inside forward, keeps forward what the teacher's is, and lets a caller choose:
+    `prefill_chunk_size=N` uses N, `prefill_chunk_size=None` prefills in one go. generate already asks
+    forward for the last position's logits only (`logits_to_keep=1`), so no chunk materialises its
+    (chunk, vocab) logits.
+    """
+    config = kwargs.get("generation_config") or model.generation_config
+    use_cache = kwargs.get("use_cache", config.use_cache)
+    if "prefill_chunk_size" not in kwargs and config.prefill_chunk_size is None and use_cache:
+        kwargs["prefill_chunk_size"] = model.config.ssmify.get("prefill_chunk_size", PREFILL_CHUNK_SIZE)
+    return generate(model, *args, **kwargs)
 
 
 def install_mixers(model: PreTrainedModel, config: PreTrainedConfig) -> None:

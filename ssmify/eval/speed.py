@@ -11,7 +11,9 @@ their ratios compare like with like. For each context length L and each model:
   layers, conv + recurrent state for SSM layers);
 - peak_memory_bytes: see MEMORY below.
 
-The generic `generate` path is used, so any causal LM (teacher, student, exported student) works.
+The generic `generate` path is used, so any causal LM (teacher, student, exported student) works;
+an ssmify student's generate prefills in chunks of its `prefill_chunk_size` (see convert/student.py),
+so its prefill memory is bounded by a chunk, while a plain transformers teacher prefills in one go.
 A model is not tried at longer lengths once it fails from lack of memory, or past its declared
 max_position_embeddings (learned position embeddings end there); the failure is listed under "skipped".
 Any other error propagates: it is a bug, not a measurement.

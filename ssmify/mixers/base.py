@@ -16,7 +16,7 @@ from torch import nn
 from ssmify.errors import SsmifyError
 from ssmify.mixers.conv import causal_conv1d, causal_conv1d_step
 from ssmify.mixers.kernels import kernels_for
-from ssmify.mixers.ssd import ssd_chunked, ssd_matrix, ssd_step
+from ssmify.mixers.ssd import ssd_chunked, ssd_matrix, ssd_update_
 from ssmify.mixers.state import MixerState
 
 
@@ -174,9 +174,7 @@ class SSDMixer(nn.Module):
             scale, log_a = self.discretize(raw)
             x = fp32_or_wider(x)
             xs = x if scale is None else x * scale[..., None]
-            y, new = ssd_step(state.ssm, xs, log_a, fp32_or_wider(B), fp32_or_wider(C))
-            state.ssm.copy_(new)
-            y = y + x * self.D[:, None]
+            y = ssd_update_(state.ssm, xs, log_a, B, C) + x * self.D[:, None]
         out = self.output(y.to(u.dtype), z)
         return out if u.dim() == 2 else out[:, None]
 

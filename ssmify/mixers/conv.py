@@ -30,7 +30,7 @@ def causal_conv1d_step(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor
 ) -> torch.Tensor:
     """One token: x (b, d). Shifts x into `conv_state` (b, d, w) in place and returns (b, d)."""
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[..., -1] = x
-    y = (conv_state * weight[:, 0, :]).sum(-1)
+    window = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)
+    y = (window * weight[:, 0, :]).sum(-1)
     return y + bias if bias is not None else y

@@ -18,8 +18,10 @@ Shapes: x (batch, length, heads, head_dim); log_a (batch, length, heads); B and 
 states (batch, heads, head_dim, d_state).
 
 Three ways to compute the same thing:
-- `ssd_chunked`: O(L * chunk). Quadratic attention-like form inside chunks, a linear recurrence across them.
-- `ssd_step`: one token, the recurrence itself; `ssd_sequential` loops it (the naive reference).
+- `ssd_chunked`: quadratic attention-like form inside chunks, the recurrence across chunks as one
+  matrix product (O(L * chunk + (L / chunk)^2) per head and state entry).
+- `ssd_step`: one token, the recurrence itself; `ssd_sequential` loops it (the naive reference);
+  `ssd_update_` is the same step updating the state in place, for decoding.
 - `ssd_matrix`: the L x L mixing matrix, for stage-1 distillation and tests.
 """
 
@@ -88,18 +90,19 @@ def ssd_chunked(
     to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # b c l g r
     chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B, x * to_end[..., None])
 
-    # 3. The recurrence across chunks: the state entering each chunk.
-    chunk_decay = torch.exp(a_cum[:, :, -1])  # b c g r
-    state = (
-        initial_state.reshape(b, g, r, p, n).to(x.dtype)
+    # 3. The recurrence across chunks, h_k = exp(chunk log-decay_k) h_{k-1} + chunk_states_k, is itself
+    # a (c+1)-step SSD with the initial state as step 0: unrolled, one matrix product gives the state
+    # entering every chunk and the final state (no Python loop over chunks, forward or backward).
+    state0 = (
+        initial_state.reshape(b, 1, g, r, p, n).to(x.dtype)
         if initial_state is not None
-        else x.new_zeros(b, g, r, p, n)
+        else x.new_zeros(b, 1, g, r, p, n)
     )
-    entering = []
-    for k in range(c):
-        entering.append(state)
-        state = chunk_decay[:, k, ..., None, None] * state + chunk_states[:, k]
-    entering = torch.stack(entering, dim=1)  # b c g r p n
+    states = torch.cat([state0, chunk_states], dim=1)  # b (c+1) g r p n
+    chunk_log_decay = F.pad(a_cum[:, :, -1], (0, 0, 0, 0, 1, 0))  # b (c+1) g r; step 0 has none
+    across = torch.exp(segsum(chunk_log_decay.permute(0, 2, 3, 1)))  # b g r (c+1) (c+1)
+    after = torch.einsum("bgrkj,bjgrpn->bkgrpn", across, states)  # the state after each step
+    entering, state = after[:, :-1], after[:, -1]  # b c g r p n; b g r p n
 
     # 4. The entering state's contribution to each position, decayed from the chunk start.
     y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, entering) * torch.exp(a_cum)[..., None]
@@ -121,6 +124,23 @@ def ssd_step(
     state = torch.exp(log_a)[..., None, None] * state + x[..., :, None] * B[..., None, :]
     y = torch.einsum("bhpn,bhn->bhp", state, C)
     return y, state
+
+
+def ssd_update_(
+    state: torch.Tensor, x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """`ssd_step` for decoding: updates `state` in place and returns y (b, h, p).
+
+    The same recurrence, written to touch the state as little as possible: one in-place scale, one
+    in-place rank-1 add, one read for y; B and C are broadcast over the heads of their group, not copied.
+    """
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    grouped = state.view(b, g, h // g, p, n)  # a view: writing to it writes the state
+    grouped.mul_(torch.exp(log_a).view(b, g, h // g, 1, 1))
+    grouped.addcmul_(x.view(b, g, h // g, p, 1), B.view(b, g, 1, 1, n).to(state.dtype))
+    y = grouped @ C.view(b, g, 1, n, 1).to(state.dtype)  # b g r p 1
+    return y.view(b, h, p)
 
 
 def ssd_sequential(
