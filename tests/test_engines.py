@@ -3,8 +3,9 @@
 Marked `engines`: each needs its venv from `make engines` and is skipped, saying so, without it. The tiny
 students here have head_dim 32 (vLLM's CPU attention has no 16) and a context of 1024, so that the long
 prompt (700 tokens) crosses Mamba chunks (16) and vLLM attention blocks (128). llama.cpp's Mamba-2 layer
-has no in_proj/out_proj bias, and ssmify seeds its mixers with them, so the llama.cpp students here drop
-them (`without_mixer_biases`); a student with them is refused in one line.
+has no in_proj/out_proj bias, so the llama.cpp students here are converted as a user would for it:
+`--gate mean` (a bias-free gate) and `--mixer-width kv` (x and B at key/value width, which the export
+expands exactly); a student with mixer biases (the default gate) is refused in one line.
 """
 
 from __future__ import annotations
@@ -33,21 +34,12 @@ needs_llamacpp = pytest.mark.skipif(
 )
 
 
-def engine_student(family: str, layers: list[int], biases: bool = True):
-    model = student(family, layers, **ENGINE_STUDENT)
-    return model if biases else without_mixer_biases(model)
+# What a user converts with for stock llama.cpp: no mixer biases (its Mamba-2 layer has none).
+FOR_LLAMACPP = {"gate": "mean", "mixer_width": "kv"}
 
 
-@torch.no_grad()
-def without_mixer_biases(model):
-    """The student with its mixers' in_proj/out_proj biases removed (a different, still trained-looking model)."""
-    for layer in model.model.layers:
-        mixer = getattr(layer.self_attn, "mixer", None)
-        if mixer is not None:
-            mixer.in_proj.bias = None
-            mixer.out_proj.bias = None
-    model.config.ssmify["mixer_config"]["bias"] = False
-    return model
+def engine_student(family: str, layers: list[int], convert_options: dict | None = None):
+    return student(family, layers, convert_options=convert_options, **ENGINE_STUDENT)
 
 
 def check_engine_report(folder, engine: str, architecture: str) -> dict:
@@ -91,7 +83,7 @@ def test_a_mixer_wider_than_granite_can_hold_goes_to_vllm_as_falcon_h1(tmp_path)
 @needs_llamacpp
 @pytest.mark.parametrize("plan", PLANS)
 def test_llama_students_run_in_stock_llama_cpp_with_the_students_tokens_and_logprobs(tmp_path, plan):
-    model = engine_student("llama", PLANS[plan], biases=False)
+    model = engine_student("llama", PLANS[plan], FOR_LLAMACPP)
     folder = export(model, "llama.cpp", tmp_path / "out", verify_engine="llama.cpp")
     hybrid = "granite" if plan == "100%" else "granitehybrid"  # no SSM layer: the converter writes granite
     check_engine_report(folder, "llama.cpp", hybrid)
@@ -115,7 +107,7 @@ def test_auto_picks_the_target_the_most_engines_run_and_vllm_never_gets_bamba():
         choose_target(engine_student("llama", [1]), "auto") == "granitemoehybrid"
     )  # vLLM; llama.cpp: biases
     assert choose_target(engine_student("llama", [1]), "vllm") == "granitemoehybrid"
-    assert choose_target(engine_student("llama", [1], biases=False), "llama.cpp") == "bamba"
+    assert choose_target(engine_student("llama", [1], FOR_LLAMACPP), "llama.cpp") == "bamba"
 
 
 @pytest.mark.parametrize(
@@ -176,7 +168,7 @@ def test_a_differing_engine_token_fails_with_engine_prompt_and_position():
 def test_llama_cpp_exports_warn_where_its_cuda_scan_would_fall_back_and_pad_state_128_clears_it(
     tmp_path, caplog
 ):
-    model = without_mixer_biases(student("llama", [1]))  # d_state 16
+    model = student("llama", [1], convert_options=FOR_LLAMACPP)  # d_state 16
     export(model, "llama.cpp", tmp_path / "plain")
     assert (
         "CUDA SSM scan runs d_state 96/128/256" in caplog.text and "this export has d_state 16" in caplog.text

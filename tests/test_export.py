@@ -24,11 +24,19 @@ TOLERANCE = 1e-4
 PARTIAL_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 
 
-def student(model_type: str, attention_layers: list[int], mixer: str = "mamba2", **overrides):
+def student(
+    model_type: str,
+    attention_layers: list[int],
+    mixer: str = "mamba2",
+    convert_options: dict | None = None,
+    **overrides,
+):
     """A converted tiny student with perturbed mixers; weights scaled up (init std 0.15) so that logits
-    have a spread of about 1 and a 1e-4 tolerance means something."""
+    have a spread of about 1 and a 1e-4 tolerance means something. `convert_options` go to convert
+    (e.g. mixer_width, gate); `overrides` to the teacher's config."""
     teacher = tiny_model(model_type, seed=1, initializer_range=0.15, **overrides)
-    converted = convert(teacher, attention_layers=attention_layers, mixer=mixer, chunk_size=16)
+    options = convert_options or {}
+    converted = convert(teacher, attention_layers=attention_layers, mixer=mixer, chunk_size=16, **options)
     return perturb_mixers(converted) if mixer == "mamba2" else converted
 
 
