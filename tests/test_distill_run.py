@@ -113,13 +113,29 @@ def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkey
         run_recipe(recipe)
 
 
+def streamed_train(workspace: Path) -> list[dict]:
+    """The training text as a streamed dataset (a local folder that `datasets` reads as a hub repository)."""
+    folder = workspace / "streamed"
+    if not folder.is_dir():
+        folder.mkdir()
+        documents = (workspace / "train.txt").read_text().split("\n\n")
+        (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in documents))
+    return [{"hub": str(folder), "streaming": True}]
+
+
 @pytest.mark.parametrize(
-    "synthetic", [None, {"fraction": 0.5, "kinds": ["kv"]}], ids=["natural", "synthetic"]
+    ("synthetic", "streamed"),
+    [(None, False), ({"fraction": 0.5, "kinds": ["kv"]}, False), (None, True)],
+    ids=["natural", "synthetic", "streamed"],
 )
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, tmp_path, caplog, synthetic):
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(
+    workspace, tmp_path, caplog, synthetic, streamed
+):
     long_stage = [stage("logits", tokens=128 * 60, checkpoint_every=2)]
     killed = recipe_dict(workspace, long_stage, output_dir=str(tmp_path / "a"))
     killed["data"]["synthetic"] = synthetic
+    if streamed:
+        killed["data"].update(train=streamed_train(workspace), shuffle_buffer=16)
     path = write_recipe(tmp_path / "recipe.yaml", killed)
     checkpoints = tmp_path / "a" / "1-logits" / "checkpoints"
     process = subprocess.Popen(
@@ -141,6 +157,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, 
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "a" / "1-logits" / "summary.json").exists()
 
+    newest = max(checkpoints.iterdir(), key=lambda p: int(p.name.removeprefix("step-")))
+    position = json.loads((newest / "progress.json").read_text())["data"]
+    if streamed:  # where the stream stands: the resumed run starts reading there
+        assert position["block"] > 0 and position["documents"] >= 0
+    else:
+        assert position is None
+
     caplog.set_level(logging.INFO, logger="ssmify.distill.loop")
     run_recipe(parse_recipe(yaml.safe_load(path.read_text())), resume=True)
     assert any("resuming from" in r.getMessage() and "step-" in r.getMessage() for r in caplog.records)
@@ -149,6 +172,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, 
         workspace, [{**long_stage[0], "checkpoint_every": 1000}], output_dir=str(tmp_path / "b")
     )
     uninterrupted["data"]["synthetic"] = synthetic
+    if streamed:
+        uninterrupted["data"].update(train=streamed_train(workspace), shuffle_buffer=16)
     run_recipe(parse_recipe(uninterrupted))
     resumed, reference = weights(tmp_path / "a" / "1-logits"), weights(tmp_path / "b" / "1-logits")
     assert max_difference(resumed, reference) <= 1e-6

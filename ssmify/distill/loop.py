@@ -190,6 +190,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     resume_from = resume_checkpoint(accelerator, checkpoints) if resume else None
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from)  # its "seconds" are the earlier sessions'
+        ctx.data.train.load_state_dict(progress.get("data"))  # a stream starts there, not from its beginning
         if main:
             logger.info("%s: resuming from %s", ctx.stage_dir.name, resume_from)
     else:
@@ -242,6 +243,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
                     accelerator.log({"val_loss": val}, step=done)
             if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
                 progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
+                progress["data"] = ctx.data.train.state_dict()
                 save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
                 flush_trackers(accelerator.trackers)  # what a resume continues from is logged on disk too
     finally:
