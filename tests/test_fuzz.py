@@ -73,6 +73,7 @@ def reached(*args: Any, **kwargs: Any) -> None:
 HEAVY_STEPS = (
     ("ssmify.convert.convert", "load_teacher"),
     ("ssmify.distill.run", "load_teacher"),
+    ("ssmify.distill.teacher_cache", "load_teacher"),
     ("ssmify.eval.loading", "load_teacher"),
     ("ssmify.eval.lm_eval_adapter", "task_manager"),  # indexes the harness's tasks: seconds per call
     ("ssmify.export.export", "load_teacher"),

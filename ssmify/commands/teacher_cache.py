@@ -84,24 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SsmifyError(f"--out {out}: exists and is not a folder")
 
-    from ssmify.convert.teacher import load_teacher
-    from ssmify.distill.data import check_data_files
-    from ssmify.distill.run import teacher_dtype
-    from ssmify.distill.state import distributed_state
-    from ssmify.distill.teacher_cache import build_teacher_cache
+    from ssmify.distill.teacher_cache import cache_stage
 
-    check_data_files(recipe.data)
-    dtype = teacher_dtype(recipe)
-    teacher, tokenizer = load_teacher(recipe.teacher, dtype, recipe.trust_remote_code)
-    if tokenizer is None:
-        raise SsmifyError(
-            f"teacher {recipe.teacher}: it has no tokenizer files; the data is tokenized with it"
-        )
-    teacher.requires_grad_(False)
-    teacher.to(distributed_state().device)
-    manifest = build_teacher_cache(
-        recipe, index, args.top_k, out, teacher, tokenizer, dtype, args.dtype, args.shard_tokens
-    )
+    manifest = cache_stage(recipe, index, args.top_k, out, args.dtype, args.shard_tokens)
     size = sum(entry["bytes"] for entry in [manifest["validation"], *manifest["shards"]])
     logger.info(
         "teacher cache %s: %d training sequences in %d shards, %.1f MB; use it with --set stages.%d.teacher_cache=%s",

@@ -38,6 +38,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from ssmify.atomic import write_text_atomic
+from ssmify.convert.teacher import load_teacher
 from ssmify.distill.objectives.logits import TopKTargets, top_k_targets
 from ssmify.distill.recipe import LossConfig, Recipe, stage_seq_len
 from ssmify.errors import SsmifyError
@@ -266,6 +267,27 @@ def build_teacher_cache(
     finally:
         bar.close()
     return manifest
+
+
+def cache_stage(
+    recipe: Recipe, index: int, top_k: int, out: Path, dtype: str = "float16", shard_tokens: int = 1 << 20
+) -> dict:
+    """`ssmify teacher-cache`: load the recipe's teacher (in its teacher_dtype, on the GPU when there is one)
+    and build or continue the cache of stage `index` in `out`. Returns the manifest."""
+    from ssmify.distill.data import check_data_files
+    from ssmify.distill.run import teacher_dtype
+    from ssmify.distill.state import distributed_state
+
+    check_data_files(recipe.data)
+    resolved = teacher_dtype(recipe)
+    teacher, tokenizer = load_teacher(recipe.teacher, resolved, recipe.trust_remote_code)
+    if tokenizer is None:
+        raise SsmifyError(
+            f"teacher {recipe.teacher}: it has no tokenizer files; the data is tokenized with it"
+        )
+    teacher.requires_grad_(False)
+    teacher.to(distributed_state().device)
+    return build_teacher_cache(recipe, index, top_k, out, teacher, tokenizer, resolved, dtype, shard_tokens)
 
 
 class TeacherCache:
