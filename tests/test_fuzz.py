@@ -361,6 +361,7 @@ WORDS = [
 VALID_ARGV = {
     "convert": ["teacher", "--out", "converted", "--keep-attention", "0.5"],
     "distill": ["recipe.yaml", "--set", "seed=1"],
+    "teacher-cache": ["recipe.yaml", "--top-k", "8", "--out", "cache"],
     "eval": ["teacher", "--data", "train.txt", "--out", "report", "--device", "cpu"],
     "export": ["student", "--out", "exported"],
     "demo": ["--out", "demo", "--budget-minutes", "1"],
