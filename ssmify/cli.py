@@ -1,4 +1,4 @@
-"""The one entry point: `ssmify convert | distill | eval | export | demo`.
+"""The one entry point: `ssmify convert | distill | teacher-cache | eval | export | demo`.
 
 Each subcommand's parser lives in `ssmify.commands.<name>`, a module that defines
 `register(subparsers)`; that function adds the subparser and sets `func` to a callable taking the
@@ -18,7 +18,7 @@ import typing
 from ssmify.errors import SsmifyError, one_line
 from ssmify.version import version
 
-SUBCOMMANDS = ("convert", "distill", "eval", "export", "demo")
+SUBCOMMANDS = ("convert", "distill", "teacher-cache", "eval", "export", "demo")
 QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
 
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbosity(parser, NORMAL)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"ssmify.commands.{name}").register(sub)
+        importlib.import_module(f"ssmify.commands.{name.replace('-', '_')}").register(sub)
     for subparser in sub.choices.values():
         add_verbosity(subparser, argparse.SUPPRESS)
     return parser

@@ -340,3 +340,38 @@ def test_lean_parameters_counts_six_students_whose_totals_add_up():
         assert by[mixer, "kv", gate] < by[mixer, "full", gate]
     for width in ("full", "kv"):
         assert by["mamba2", width, "none"] < by["mamba2", width, "mean"] < by["mamba2", width, "z"]
+
+
+def test_teacher_cache_bench_trains_from_the_cache_and_online_on_the_same_tokens(workspace: Path):
+    report = workspace / "teacher-cache.json"
+    stdout = run_script(
+        "teacher_cache.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(workspace / "teacher-cache")),
+        *("--threads", "1", "--json", str(report)),
+    )
+    result = json.loads(report.read_text())
+    assert result["online"]["tokens"] == result["cached"]["tokens"] == 2048
+    assert result["speedup"] == pytest.approx(
+        result["cached"]["train_tokens_per_s"] / result["online"]["train_tokens_per_s"]
+    )
+    assert result["online"]["heldout_kl"] < result["start_heldout_kl"]  # both trained
+    assert result["cached"]["heldout_kl"] < result["start_heldout_kl"]
+    disk = result["disk"]
+    assert sorted(disk) == ["16", "64"]
+    assert 0 < disk["16"]["mb_per_million_tokens"] < disk["64"]["mb_per_million_tokens"]
+    assert "target (train steps >= 1.8x)" in stdout and "| 64 |" in stdout
+
+
+def test_stream_resume_bench_times_the_first_step_of_both_resumes(workspace: Path):
+    report = workspace / "stream-resume.json"
+    stdout = run_script(
+        "stream_resume.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(workspace / "stream-resume")),
+        *("--threads", "1", "--json", str(report)),
+    )
+    result = json.loads(report.read_text())
+    assert 0 < result["first_step_uninterrupted"] < result["whole_seconds"]
+    assert result["first_step_from_position"] > 0 and result["first_step_by_replay"] > 0
+    assert "resumed at 90%, saved position" in stdout

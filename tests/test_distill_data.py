@@ -154,3 +154,39 @@ def test_a_streamed_hub_dataset_holds_out_what_the_same_local_file_holds_out(tmp
     first = streamed.train.take(0, 12)
     assert torch.equal(load_data(hub, tokenizer, 16, 0).train.take(0, 12), first)
     assert not torch.equal(first, local.train.first(12))  # the stream is shuffled through its buffer
+
+
+def test_a_streamed_split_resumes_at_its_saved_position_without_tokenizing_what_came_before(
+    tmp_path, tokenizer, monkeypatch
+):
+    monkeypatch.setattr(data_module, "TOKENIZE_BATCH", 3)  # positions inside and across tokenizer batches
+    corpus = write_corpus(tmp_path / "c.txt", 20)
+    cfg = config(tmp_path, train=[str(corpus)])
+    source = DocumentSource(cfg.train, cfg, 0, "all")
+    reference = StreamedBlocks(source, tokenizer, 16, 0, True, 100).take(0, 400)  # more than one epoch
+    tokenized = []
+    tokenize = data_module.tokenize_documents
+
+    def counting(texts, tok):
+        texts = list(texts)
+        tokenized.extend(texts)
+        return tokenize(texts, tok)
+
+    monkeypatch.setattr(data_module, "tokenize_documents", counting)
+    for cut in (1, 37, 150, 260, 390):
+        interrupted = StreamedBlocks(source, tokenizer, 16, 0, True, 100)
+        interrupted.take(cut - 1, 1)
+        state = json.loads(json.dumps(interrupted.state_dict()))  # it goes into a checkpoint's JSON
+        assert state["block"] == cut - 1
+        tokenized.clear()
+        resumed = StreamedBlocks(source, tokenizer, 16, 0, True, 100)
+        resumed.load_state_dict(state)
+        assert torch.equal(resumed.take(cut, 400 - cut), reference[cut:])
+        replayed = StreamedBlocks(source, tokenizer, 16, 0, True, 100)
+        skipped_documents = len(tokenized)
+        tokenized.clear()
+        replayed.take(cut, 400 - cut)
+        assert skipped_documents <= len(tokenized) - state["documents"] + 3
+        if state["documents"] > 3:
+            assert skipped_documents < len(tokenized)
+    assert torch.equal(resumed.take(5, 2), reference[5:7])  # an index before the position restarts the stream

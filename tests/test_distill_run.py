@@ -19,9 +19,11 @@ from safetensors.torch import load_file
 from test_distill_support import make_workspace, recipe_dict, stage, write_recipe, write_teacher
 from transformers import AutoModelForCausalLM
 
+import ssmify.distill.loop as loop_module
 import ssmify.distill.run as run_module
 from ssmify.cli import main
 from ssmify.convert.student import is_student, mixer_layers, register
+from ssmify.distill.data import StreamedBlocks
 from ssmify.distill.objectives.logits import LogitsObjective
 from ssmify.distill.recipe import parse_recipe
 from ssmify.distill.run import check_same_recipe, run_recipe
@@ -113,6 +115,16 @@ def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkey
         run_recipe(recipe)
 
 
+def streamed_train(workspace: Path) -> list[dict]:
+    """The training text as a streamed dataset (a local folder that `datasets` reads as a hub repository)."""
+    folder = workspace / "streamed"
+    if not folder.is_dir():
+        folder.mkdir()
+        documents = (workspace / "train.txt").read_text().split("\n\n")
+        (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in documents))
+    return [{"hub": str(folder), "streaming": True}]
+
+
 @pytest.mark.parametrize(
     "synthetic", [None, {"fraction": 0.5, "kinds": ["kv"]}], ids=["natural", "synthetic"]
 )
@@ -153,6 +165,49 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, 
     resumed, reference = weights(tmp_path / "a" / "1-logits"), weights(tmp_path / "b" / "1-logits")
     assert max_difference(resumed, reference) <= 1e-6
     assert max_difference(reference, weights(workspace / "student")) > 1e-3  # it did train
+
+
+def test_a_streamed_stage_resumes_from_the_stream_position_in_its_checkpoint(
+    workspace, tmp_path, monkeypatch
+):
+    streamed = recipe_dict(workspace, [stage("logits", tokens=128 * 12, checkpoint_every=4)])
+    streamed["data"].update(train=streamed_train(workspace), shuffle_buffer=16)
+    save_checkpoint = loop_module.save_checkpoint
+
+    def stops_after_step_8(accelerator, root, step, progress, keep):
+        folder = save_checkpoint(accelerator, root, step, progress, keep)
+        if step == 8:
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", stops_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(parse_recipe({**streamed, "output_dir": str(tmp_path / "a")}))
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_checkpoint)
+    progress = json.loads(
+        (tmp_path / "a" / "1-logits" / "checkpoints" / "step-8" / "progress.json").read_text()
+    )
+    # Step 7 (from 0) holds sequences 28-31 in two micro batches of 2; the last take() started at 30.
+    assert progress["data"]["block"] == 30
+
+    starts = []
+    stream = StreamedBlocks._stream
+    monkeypatch.setattr(
+        StreamedBlocks, "_stream", lambda self, at: starts.append(at["block"]) or stream(self, at)
+    )
+    run_recipe(parse_recipe({**streamed, "output_dir": str(tmp_path / "a")}), resume=True)
+    assert starts == [30]  # read on from the saved position, not from the start of the stream
+    monkeypatch.setattr(StreamedBlocks, "_stream", stream)
+    run_recipe(
+        parse_recipe(
+            {
+                **streamed,
+                "output_dir": str(tmp_path / "b"),
+                "stages": [stage("logits", tokens=128 * 12, checkpoint_every=100)],
+            }
+        )
+    )
+    assert max_difference(weights(tmp_path / "a" / "1-logits"), weights(tmp_path / "b" / "1-logits")) <= 1e-6
 
 
 def free_port() -> int:

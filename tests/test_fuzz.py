@@ -73,6 +73,7 @@ def reached(*args: Any, **kwargs: Any) -> None:
 HEAVY_STEPS = (
     ("ssmify.convert.convert", "load_teacher"),
     ("ssmify.distill.run", "load_teacher"),
+    ("ssmify.distill.teacher_cache", "load_teacher"),
     ("ssmify.eval.loading", "load_teacher"),
     ("ssmify.eval.lm_eval_adapter", "task_manager"),  # indexes the harness's tasks: seconds per call
     ("ssmify.export.export", "load_teacher"),
@@ -360,6 +361,7 @@ WORDS = [
 VALID_ARGV = {
     "convert": ["teacher", "--out", "converted", "--keep-attention", "0.5"],
     "distill": ["recipe.yaml", "--set", "seed=1"],
+    "teacher-cache": ["recipe.yaml", "--top-k", "8", "--out", "cache"],
     "eval": ["teacher", "--data", "train.txt", "--out", "report", "--device", "cpu"],
     "export": ["student", "--out", "exported"],
     "demo": ["--out", "demo", "--budget-minutes", "1"],

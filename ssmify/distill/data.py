@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -54,6 +55,14 @@ class Blocks(Protocol):
 
     def first(self, count: int) -> torch.Tensor:
         """The first `count` blocks in corpus order (at most as many as exist): a fixed validation set."""
+        ...
+
+    def state_dict(self) -> dict | None:
+        """Where a stream stands, for a checkpoint (None when take() needs no position to be fast)."""
+        ...
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue from a checkpoint's state_dict()."""
         ...
 
 
@@ -363,12 +372,22 @@ class PackedBlocks:
         """The first `count` blocks in file order (the validation set: fixed, not shuffled)."""
         return torch.from_numpy(self.blocks[: min(count, self.num_blocks)].astype(np.int64))
 
+    def state_dict(self) -> None:
+        return None  # any block is one index away
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
 
 class StreamedBlocks:
     """Blocks packed on the fly from streamed documents; epoch e reshuffles with seed + e.
 
-    take() moves a cursor forward; asking for an earlier index restarts the stream and skips
-    ahead, which is how a resumed run finds its place in a corpus too large to store.
+    take() moves a cursor forward. Each block comes with its position in the stream: the epoch, the
+    documents read before its tokenizer batch, the tokens carried over from the batch before, and its
+    end within the batch's tokens. `state_dict()` gives the position of the block a recent take()
+    started at; after `load_state_dict()` the stream starts there: the documents before it are read and
+    dropped without being tokenized, and one tokenizer batch is tokenized again. Asking for an index
+    before the cursor (or the loaded position) restarts the stream from the beginning and skips ahead.
     """
 
     def __init__(
@@ -381,39 +400,64 @@ class StreamedBlocks:
         self.shuffle = shuffle
         self.buffer_size = buffer_size
         self._cursor = 0
-        self._iterator: Iterator[np.ndarray] | None = None
+        self._iterator: Iterator[tuple[np.ndarray, dict]] | None = None
+        self._position: dict | None = None  # before block _cursor
+        self._mark: dict | None = None  # before the block the last take() started at
+        self._loaded: dict | None = None
 
-    def _epochs(self) -> Iterator[np.ndarray]:
-        epoch = 0
+    def _stream(self, position: dict) -> Iterator[tuple[np.ndarray, dict]]:
+        """(block, the position after it) from a position (see state_dict)."""
+        epoch, skip, offset = position["epoch"], position["documents"], position["offset"]
+        carry = np.asarray(position["carry"], dtype=np.uint32)
         while True:
+            whole_epoch = skip == 0 and offset == 0 and len(carry) == 0
             seed = self.seed + epoch if self.shuffle else None
-            produced = 0
-            for block in pack(
-                tokenize_documents(self.source.documents(seed, self.buffer_size), self.tokenizer),
-                self.seq_len,
-            ):
-                produced += 1
-                yield block
-            if produced == 0:
+            documents = itertools.islice(self.source.documents(seed, self.buffer_size), skip, None)
+            read, produced = skip, 0
+            while batch := list(itertools.islice(documents, TOKENIZE_BATCH)):
+                tokens = np.concatenate([carry, *tokenize_documents(batch, self.tokenizer)])
+                while offset + self.seq_len <= len(tokens):
+                    offset += self.seq_len
+                    produced += 1
+                    after = {"epoch": epoch, "documents": read, "carry": carry.tolist(), "offset": offset}
+                    yield tokens[offset - self.seq_len : offset], after
+                carry, offset, read = tokens[offset:], 0, read + len(batch)
+            if produced == 0 and whole_epoch:
                 raise SsmifyError(
                     f"data: the streamed split holds less than one block of seq_len {self.seq_len}"
                 )
             if not self.shuffle:
                 return
-            epoch += 1
+            epoch, skip, carry, offset = epoch + 1, 0, np.zeros(0, dtype=np.uint32), 0
+
+    def _next(self) -> np.ndarray:
+        block, after = next(self._iterator)
+        self._cursor += 1
+        self._position = {"block": self._cursor, **after}
+        return block
 
     def take(self, start: int, count: int) -> torch.Tensor:
-        if self._iterator is None or start < self._cursor:
-            self._iterator, self._cursor = self._epochs(), 0
-        for _ in range(start - self._cursor):
-            next(self._iterator)
-        rows = [next(self._iterator) for _ in range(count)]
-        self._cursor = start + count
+        loaded = self._loaded if self._loaded is not None and self._loaded["block"] <= start else None
+        if self._iterator is None or start < self._cursor or (loaded and self._cursor < loaded["block"]):
+            origin = loaded or {"block": 0, "epoch": 0, "documents": 0, "carry": [], "offset": 0}
+            self._iterator, self._cursor, self._position = self._stream(origin), origin["block"], origin
+        while self._cursor < start:
+            self._next()
+        self._mark = self._position
+        rows = [self._next() for _ in range(count)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def state_dict(self) -> dict | None:
+        """Where the stream stands: the position of a block at or before the cursor (JSON-able), or None."""
+        return self._mark
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Start the stream at a saved position: take() of that block or a later one reads on from there."""
+        self._loaded = state
 
     def first(self, count: int) -> torch.Tensor:
         rows = []
-        for block in self._epochs():
+        for block, _ in self._stream({"epoch": 0, "documents": 0, "carry": [], "offset": 0}):
             rows.append(block)
             if len(rows) == count:
                 break

@@ -50,6 +50,7 @@ from ssmify.distill.schedules import lr_factor
 from ssmify.distill.sharding import fsdp_plugin_for_stage
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import load_student, save_student
+from ssmify.distill.teacher_cache import TeacherCache, stage_pins
 from ssmify.distill.tracking import flush_trackers, make_trackers, project_name
 from ssmify.errors import SsmifyError
 
@@ -185,18 +186,18 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     fit_deepspeed_config(accelerator, plan)
     model, optimizer = accelerator.prepare(objective, optimizer)
     validation = validation_set(ctx.data.validation, stage, plan)
+    teacher = ctx.teacher if stage.teacher_cache is None else open_teacher_cache(ctx, plan, len(validation))
 
     checkpoints = ctx.stage_dir / "checkpoints"
     resume_from = resume_checkpoint(accelerator, checkpoints) if resume else None
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from)  # its "seconds" are the earlier sessions'
+        ctx.data.train.load_state_dict(progress.get("data"))  # a stream starts there, not from its beginning
         if main:
             logger.info("%s: resuming from %s", ctx.stage_dir.name, resume_from)
     else:
         progress = {"step": 0, "seconds": 0.0, "losses": [], "val_losses": []}
-        progress["val_losses"].append(
-            [0, evaluate(model, objective, ctx.teacher, validation, plan, accelerator)]
-        )
+        progress["val_losses"].append([0, evaluate(model, objective, teacher, validation, plan, accelerator)])
 
     earlier_seconds = progress["seconds"]
     if tracking:
@@ -211,9 +212,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
             lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = train_step(
-                model, objective, ctx.teacher, ctx.data.train, step, plan, accelerator
-            )
+            loss, grad_norm = train_step(model, objective, teacher, ctx.data.train, step, plan, accelerator)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad = "loss" if not math.isfinite(loss) else "gradient norm"
                 last = newest_checkpoint(checkpoints)
@@ -240,18 +239,19 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
                     {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=done
                 )
             if stage.eval_every and done % stage.eval_every == 0 and done < plan.steps:
-                val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
+                val = evaluate(model, objective, teacher, validation, plan, accelerator)
                 progress["val_losses"].append([done, val])
                 if tracking:
                     accelerator.log({"val_loss": val}, step=done)
             if stage.checkpoint_every and done % stage.checkpoint_every == 0 and done < plan.steps:
                 progress["seconds"] = earlier_seconds + time.perf_counter() - stage_start
+                progress["data"] = ctx.data.train.state_dict()
                 save_checkpoint(accelerator, checkpoints, done, progress, recipe.keep_checkpoints)
                 flush_trackers(accelerator.trackers)  # what a resume continues from is logged on disk too
     finally:
         bar.close()
 
-    val = evaluate(model, objective, ctx.teacher, validation, plan, accelerator)
+    val = evaluate(model, objective, teacher, validation, plan, accelerator)
     progress["val_losses"].append([plan.steps, val])
     seconds = earlier_seconds + time.perf_counter() - stage_start
     state = accelerator.get_state_dict(model)
@@ -293,18 +293,43 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     return summary
 
 
-def local_micro_batches(global_batch: torch.Tensor, plan: StagePlan, process_index: int) -> torch.Tensor:
-    """This process's micro batches of a global batch: (accumulation, micro_batch_size, seq_len)."""
-    shaped = global_batch.view(
-        plan.accumulation, plan.num_processes, plan.stage.micro_batch_size, plan.seq_len
+def open_teacher_cache(ctx: StageContext, plan: StagePlan, validation: int) -> TeacherCache:
+    """The stage's teacher cache, checked against this recipe, tokenizer and teacher (it replaces the teacher)."""
+    dtype = str(next(ctx.teacher.parameters()).dtype).removeprefix("torch.")
+    pins = stage_pins(ctx.recipe, ctx.index, ctx.tokenizer, dtype)
+    where = f"stages.{ctx.index}.teacher_cache"
+    return TeacherCache.open(
+        ctx.stage.teacher_cache, pins, plan.steps * plan.sequences_per_step, validation, where
     )
-    return shaped[:, process_index]
+
+
+def local_micro_batches(plan: StagePlan, step: int, process_index: int) -> list[int]:
+    """The global index of the first sequence of each of this process's micro batches of step `step`.
+
+    Micro batch a of process p holds sequences (a x processes + p) x micro_batch_size onwards, so the
+    processes together cover the global batch whatever their count, and each reads only its share."""
+    first, size = step * plan.sequences_per_step, plan.stage.micro_batch_size
+    return [first + (a * plan.num_processes + process_index) * size for a in range(plan.accumulation)]
+
+
+def targets_for(
+    objective: nn.Module, teacher: nn.Module | TeacherCache, input_ids: torch.Tensor, rows: Any
+) -> Any:
+    """The teacher's targets for a batch: from the teacher, or read from its cache at `rows`.
+
+    rows is the global index of the first training sequence (an int) or the validation positions (a tensor).
+    """
+    if not isinstance(teacher, TeacherCache):
+        return objective.teacher_targets(teacher, input_ids)
+    if isinstance(rows, int):
+        return teacher.train_targets(rows, input_ids).to(input_ids.device)
+    return teacher.validation_targets(rows, input_ids).to(input_ids.device)
 
 
 def train_step(
     model: nn.Module,
     objective: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | TeacherCache,
     train: Blocks,
     step: int,
     plan: StagePlan,
@@ -315,12 +340,11 @@ def train_step(
     Returns the loss averaged over all processes and the gradient norm (before clipping; 0.0 when
     clipping is off), both as floats, so that the caller can stop before the optimizer step.
     """
-    global_batch = train.take(step * plan.sequences_per_step, plan.sequences_per_step)
     total = torch.zeros((), device=accelerator.device)
-    for micro in local_micro_batches(global_batch, plan, accelerator.process_index):
-        micro = micro.to(accelerator.device)
+    for first in local_micro_batches(plan, step, accelerator.process_index):
+        micro = train.take(first, plan.stage.micro_batch_size).to(accelerator.device)
         with accelerator.accumulate(model):
-            targets = objective.teacher_targets(teacher, micro)
+            targets = targets_for(objective, teacher, micro, first)
             loss = model(micro, targets)["loss"]
             accelerator.backward(loss)
         total += loss.detach().float()
@@ -341,7 +365,7 @@ def validation_set(validation: Blocks, stage: Stage, plan: StagePlan) -> torch.T
 def evaluate(
     model: nn.Module,
     objective: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | TeacherCache,
     validation: torch.Tensor,
     plan: StagePlan,
     accelerator: Accelerator,
@@ -353,14 +377,15 @@ def evaluate(
     """
     model.eval()
     size = plan.stage.micro_batch_size
-    local = validation[accelerator.process_index :: plan.num_processes]
+    local = torch.arange(len(validation))[accelerator.process_index :: plan.num_processes]
     passes = math.ceil(math.ceil(len(validation) / plan.num_processes) / size)
     total = torch.zeros(2, device=accelerator.device)
     for i in range(passes):
-        chunk = local[i * size : (i + 1) * size]
-        weight = float(len(chunk))
-        chunk = (chunk if len(chunk) else validation[:1]).to(accelerator.device)
-        loss = model(chunk, objective.teacher_targets(teacher, chunk))["loss"].float()
+        rows = local[i * size : (i + 1) * size]
+        weight = float(len(rows))
+        rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)  # validation[0], weight zero
+        chunk = validation[rows].to(accelerator.device)
+        loss = model(chunk, targets_for(objective, teacher, chunk, rows))["loss"].float()
         total += torch.stack([loss * weight, torch.tensor(weight, device=total.device)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")

@@ -211,6 +211,9 @@ class Stage(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     trainable: Trainable = "mixers"
     loss: LossConfig | None = None
+    teacher_cache: str | None = (
+        None  # logits stage: read the teacher's top-K logits from `ssmify teacher-cache`
+    )
     eval_every: int | None = Field(None, ge=1)
     eval_tokens: int = Field(8192, ge=1)
     checkpoint_every: int | None = Field(50, ge=1)
@@ -341,6 +344,13 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             )
         if stage.loss is not None and stage.name != "logits":
             raise SsmifyError(f"{where}.loss: only the logits stage takes a loss section")
+        if stage.teacher_cache is not None and stage.name != "logits":
+            raise SsmifyError(f"{where}.teacher_cache: only the logits stage reads a teacher cache")
+        if stage.teacher_cache is not None and stage.loss is not None and stage.loss.kind != "forward_kl":
+            raise SsmifyError(
+                f"{where}.teacher_cache: a teacher cache holds the teacher's top-K only, which gives "
+                "forward_kl; set loss.kind: forward_kl or drop the cache"
+            )
         if stage.name == "matrix" and isinstance(stage.trainable, LoraTrainable):
             raise SsmifyError(
                 f"{where}.trainable.lora: LoRA does not apply to the matrix stage, which fits the mixers' "

@@ -135,3 +135,9 @@ class SyntheticBlocks:
     def first(self, count: int) -> torch.Tensor:
         """The natural blocks: validation stays natural text."""
         return self.natural.first(count)
+
+    def state_dict(self) -> dict | None:
+        return self.natural.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.natural.load_state_dict(state)

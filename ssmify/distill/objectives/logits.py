@@ -4,10 +4,24 @@ forward_kl is KL(teacher || student), mass-covering, as in MambaInLlama; reverse
 KL(student || teacher), mode-seeking. Both are computed at temperature T and multiplied by T^2
 so that the gradient scale does not shrink with T. An optional cross-entropy term on the data's
 next tokens is added with weight ce_weight. Positions where attention_mask is 0 are left out.
+
+From a teacher cache (`ssmify.distill.teacher_cache`) the targets are the teacher's top-K
+log-probabilities at temperature T, their ids S, and the log of the rest of the mass. With
+p = softmax(z_teacher / T) and q = softmax(z_student / T), both distributions are bucketed into
+the K ids plus one "rest" bucket, p_rest = 1 - sum_{i in S} p_i and q_rest = 1 - sum_{i in S} q_i:
+
+    KL_K(p || q) = sum_{i in S} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest)
+
+(times T^2 as above; 0 log 0 = 0). It is the KL of the bucketed distributions, so it is at most the
+full KL (merging outcomes never raises a KL) and equals it when S holds the whole vocabulary
+(p_rest = q_rest = 0). The student's log q_rest is a logsumexp over the ids outside S, which keeps
+its gradient exact where q_rest is tiny. Only forward_kl is defined from a cache: reverse_kl needs the
+teacher's probability of every id the student puts mass on.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +29,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmify.distill.recipe import LossConfig
+
+MASKED = -1e30  # a logit that exp() takes to 0, but finite: no inf - inf in the student's rest-of-mass
+
+
+@dataclass
+class TopKTargets:
+    """The teacher's cached targets for a batch: top-K log-probs (B, L, K), their ids, log of the rest (B, L)."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    log_rest: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TopKTargets:
+        return TopKTargets(self.logprobs.to(device), self.ids.to(device), self.log_rest.to(device))
+
+
+def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> TopKTargets:
+    """The top-K log-probabilities of softmax(logits / T), their ids and log(1 - their mass), in float32."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    logprobs, ids = log_p.topk(k, dim=-1)
+    log_rest = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1)
+    return TopKTargets(logprobs, ids, log_rest)
+
+
+def top_k_kd_loss(
+    student_logits: torch.Tensor, targets: TopKTargets, input_ids: torch.Tensor, config: LossConfig
+) -> dict[str, torch.Tensor]:
+    """{"loss", "kl", "ce"} as kd_loss, with KL_K(p || q) over the cached top-K ids plus the rest bucket."""
+    t = config.temperature
+    logits = student_logits.float() / t
+    log_norm = torch.logsumexp(logits, dim=-1)
+    ids = targets.ids.long()
+    log_q = logits.gather(-1, ids) - log_norm.unsqueeze(-1)
+    log_q_rest = torch.logsumexp(logits.scatter(-1, ids, MASKED), dim=-1) - log_norm
+    log_p = targets.logprobs.float()
+    p = log_p.exp()
+    top = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    has_rest = targets.log_rest.float() > float("-inf")
+    log_p_rest = torch.where(has_rest, targets.log_rest.float(), 0.0)
+    p_rest = torch.where(has_rest, log_p_rest.exp(), 0.0)
+    per_token = (top + p_rest * (log_p_rest - log_q_rest)) * t**2
+    kl = per_token.mean()
+    return with_ce(kl, student_logits, input_ids, config, torch.ones_like(per_token))
 
 
 def kd_loss(
@@ -35,6 +92,17 @@ def kd_loss(
     per_token = per_token * t**2
     valid = torch.ones_like(per_token) if attention_mask is None else attention_mask.to(per_token.dtype)
     kl = (per_token * valid).sum() / valid.sum().clamp_min(1)
+    return with_ce(kl, student_logits, input_ids, config, valid)
+
+
+def with_ce(
+    kl: torch.Tensor,
+    student_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    config: LossConfig,
+    valid: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The KD result, with the cross-entropy on the next tokens added at ce_weight when it is positive."""
     loss = kl
     ce = torch.zeros((), device=kl.device)
     if config.ce_weight > 0:
@@ -69,4 +137,6 @@ class LogitsObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
         logits = self.student(input_ids=input_ids, use_cache=False).logits
+        if isinstance(targets, TopKTargets):
+            return top_k_kd_loss(logits, targets, input_ids, self.config)
         return kd_loss(logits, targets, input_ids, self.config)
