@@ -223,3 +223,43 @@ def test_bad_head_budgets_get_one_line_errors(teacher):
         ssmify.convert(teacher, keep_attention=0.5, keep_heads=2)
     with pytest.raises(SsmifyError, match=r"head-level plans support .* not gpt2"):
         ssmify.convert(tiny_model("gpt2"), keep_heads=2)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp_path):
+    from safetensors.torch import load_file
+    from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+
+    from ssmify.distill.recipe import parse_recipe
+    from ssmify.distill.run import run_recipe
+
+    write_teacher(tmp_path / "teacher")
+    convert_student(
+        tmp_path / "teacher", tmp_path / "student", keep_attention=None, attention_heads="0:1,2:0,2:1"
+    )
+    write_corpus(tmp_path / "train.txt", 30, seed=0)
+    write_corpus(tmp_path / "held.txt", 4, seed=1)
+    stages = [
+        stage("matrix", seq_len=16, tokens=256),
+        stage("hidden", tokens=256),
+        stage("logits", tokens=256),
+    ]
+    recipe = parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run")))
+    summaries = run_recipe(recipe)
+
+    start, end = (
+        load_file(tmp_path / "student" / "model.safetensors"),
+        load_file(tmp_path / "run" / "3-logits" / "model.safetensors"),
+    )
+    assert start.keys() == end.keys()
+    mixer = "model.layers.0.self_attn.mixer.in_proj.weight"
+    assert not torch.allclose(start[mixer], end[mixer])  # the mixer heads trained
+    for kept in (
+        "model.layers.0.self_attn.attention.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    ):
+        assert torch.equal(start[kept], end[kept])  # trainable "mixers": the kept heads stay frozen
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "3-logits")
+    assert loaded.config.ssmify["attention_heads"] == {"0": [1]}
+    assert loaded.config.ssmify["attention_layers"] == [2]
+    assert run_recipe(recipe, resume=True) == summaries
