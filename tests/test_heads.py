@@ -263,3 +263,18 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
     assert loaded.config.ssmify["attention_heads"] == {"0": [1]}
     assert loaded.config.ssmify["attention_layers"] == [2]
     assert run_recipe(recipe, resume=True) == summaries
+
+
+def test_speed_state_grows_only_by_the_kept_kv_heads(head_student, teacher):
+    from test_distill_support import char_tokenizer
+
+    from ssmify.eval.data import EvalData
+    from ssmify.eval.options import EvalOptions
+    from ssmify.eval.speed import speed
+
+    options = EvalOptions(speed_lengths=(16, 32), decode_tokens=2, progress=False)
+    short, long = speed(head_student, teacher, EvalData(char_tokenizer()), options)["points"]
+    per_kv_head_and_token = 2 * 16 * 4  # keys and values of 16 dims, fp32
+    assert long["state_bytes"] - short["state_bytes"] == 4 * per_kv_head_and_token * 16  # 4 of 8 KV heads
+    assert long["teacher_state_bytes"] - short["teacher_state_bytes"] == 8 * per_kv_head_and_token * 16
+    assert short["state_bytes"] > 4 * per_kv_head_and_token * 16  # plus the mixers' fixed states
