@@ -278,3 +278,32 @@ def test_speed_state_grows_only_by_the_kept_kv_heads(head_student, teacher):
     assert long["state_bytes"] - short["state_bytes"] == 4 * per_kv_head_and_token * 16  # 4 of 8 KV heads
     assert long["teacher_state_bytes"] - short["teacher_state_bytes"] == 8 * per_kv_head_and_token * 16
     assert short["state_bytes"] > 4 * per_kv_head_and_token * 16  # plus the mixers' fixed states
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--attention-heads", "2:0,9:1"],
+            "--attention-heads: layer 9 out of range; this model has layers 0..3",
+        ),
+        (["--attention-heads", "2:0,2:0"], "--attention-heads: 2:0 given more than once"),
+        (["--keep-heads", "12"], "--keep-heads: 12 is out of range; give a count 1..8"),
+        (
+            ["--kv-budget-mib", "0.001", "--context", "64"],
+            "--kv-budget-mib: 0.001 MiB at 64 tokens holds 0 KV heads",
+        ),
+        (["--keep-heads", "2", "--keep-attention", "0.5"], "not allowed with argument"),
+    ],
+)
+def test_convert_cli_rejects_bad_head_plans_in_one_line(teacher, tmp_path, capsys, args, message):
+    from ssmify.cli import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    try:
+        code = main(["convert", str(tmp_path / "teacher"), "--out", str(tmp_path / "out"), *args])
+    except SystemExit as exit:  # argparse: mutually exclusive flags
+        code = exit.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1]
+    assert not (tmp_path / "out").exists()

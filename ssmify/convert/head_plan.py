@@ -110,10 +110,10 @@ def head_count(keep_heads: float, total: int) -> int:
     if 0 < keep_heads < 1:
         count = round(keep_heads * total)
         if count < 1:
-            raise SsmifyError(f"--keep-heads: {keep_heads} of {total} KV heads keeps none; {what}")
+            raise SsmifyError(f"--keep-heads: {keep_heads:g} of {total} KV heads keeps none; {what}")
         return count
     if keep_heads != int(keep_heads) or not 1 <= keep_heads <= total:
-        raise SsmifyError(f"--keep-heads: {keep_heads} is out of range; {what}")
+        raise SsmifyError(f"--keep-heads: {keep_heads:g} is out of range; {what}")
     return int(keep_heads)
 
 
@@ -130,7 +130,7 @@ def budget_count(kv_budget_mib: float, context: int, head_dim: int, dtype: torch
     count = int(kv_budget_mib // per_head)
     if not 1 <= count <= total:
         raise SsmifyError(
-            f"--kv-budget-mib: {kv_budget_mib} MiB at {context} tokens holds {count} KV heads ({per_head:.3g} "
+            f"--kv-budget-mib: {kv_budget_mib:g} MiB at {context} tokens holds {count} KV heads ({per_head:.3g} "
             f"MiB each in {str(dtype).removeprefix('torch.')}); give {per_head:.3g} to {per_head * total:.3g} "
             f"MiB (1..{total} KV heads)"
         )
