@@ -307,3 +307,24 @@ def test_convert_cli_rejects_bad_head_plans_in_one_line(teacher, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_recipe_converts_a_head_level_student_with_keep_heads(tmp_path):
+    from test_distill_support import recipe_dict, stage, write_corpus, write_teacher
+
+    from ssmify.distill.recipe import parse_recipe
+    from ssmify.distill.run import run_recipe
+
+    write_teacher(tmp_path / "teacher")
+    write_corpus(tmp_path / "train.txt", 10, seed=0)
+    write_corpus(tmp_path / "held.txt", 2, seed=1)
+    raw = recipe_dict(tmp_path, [stage("logits", tokens=128)], output_dir=str(tmp_path / "run"))
+    raw["student"] = {"keep_heads": 3}
+    recipe = parse_recipe(raw)
+    assert recipe.student.convert_kwargs() == {"keep_heads": 3}
+    run_recipe(recipe)
+    (folder,) = [p for p in (tmp_path / "run").iterdir() if p.name.endswith("logits")]
+    block = AutoModelForCausalLM.from_pretrained(folder).config.ssmify
+    kept = 2 * len(block["attention_layers"]) + sum(len(g) for g in block.get("attention_heads", {}).values())
+    assert kept == 3
