@@ -42,6 +42,12 @@ def _rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], dtype=torch.long)
 
 
+def _kept_rows(groups: Sequence[int], heads_per_group: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """The rows of q_proj, k_proj and v_proj that KV groups `groups` own."""
+    kv = _rows(sorted(groups), head_dim)
+    return {"q_proj": _rows(query_heads(groups, heads_per_group), head_dim), "k_proj": kv, "v_proj": kv}
+
+
 def subset_weights(weights: AttentionWeights, groups: Sequence[int]) -> AttentionWeights:
     """The attention of KV groups `groups` alone: their query heads, their keys/values, their W_O columns."""
     ratio = weights.num_heads // weights.num_kv_heads
@@ -264,11 +270,7 @@ def make_mixed_attention(
         mix.out_proj = nn.Identity()
     kept_attention = None
     if kept:
-        rows = {
-            "q_proj": _rows(query_heads(kept, ratio), d),
-            "k_proj": _rows(kept, d),
-            "v_proj": _rows(kept, d),
-        }
+        rows = _kept_rows(kept, ratio, d)
         for name in QKV:
             setattr(attention, name, _cut_linear(getattr(attention, name), rows[name]))
         setattr(attention, adapter.out_proj_attr, nn.Identity())
@@ -282,12 +284,7 @@ def copy_kept_attention(mixed: MixedAttention, teacher_attention: nn.Module) -> 
     groups' rows of q/k/v, and every other parameter (the family's q/k norms) as it is."""
     if mixed.attention is None:
         return
-    kept = mixed.kept_groups
-    rows = {
-        "q_proj": _rows(query_heads(kept, mixed.heads_per_group), mixed.head_dim),
-        "k_proj": _rows(kept, mixed.head_dim),
-        "v_proj": _rows(kept, mixed.head_dim),
-    }
+    rows = _kept_rows(mixed.kept_groups, mixed.heads_per_group, mixed.head_dim)
     for name, param in mixed.attention.named_parameters():
         source = teacher_attention.get_parameter(name)
         owner = name.split(".")[0]
