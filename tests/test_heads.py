@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -328,3 +329,20 @@ def test_a_recipe_converts_a_head_level_student_with_keep_heads(tmp_path):
     block = AutoModelForCausalLM.from_pretrained(folder).config.ssmify
     kept = 2 * len(block["attention_layers"]) + sum(len(g) for g in block.get("attention_heads", {}).values())
     assert kept == 3
+
+
+def test_alignment_eval_scores_a_mixed_layer_against_its_own_heads(head_student, teacher):
+    from ssmify.convert.probes import teacher_attention
+    from ssmify.eval.alignment import alignment
+    from ssmify.eval.data import EvalData
+    from ssmify.eval.options import EvalOptions
+
+    data = EvalData(None, windows=IDS)
+    options = EvalOptions(alignment_windows=1, alignment_seq_len=16, progress=False)
+    layers = {r["layer"]: r for r in alignment(head_student, teacher, data, options)["layers"]}
+    assert sorted(layers) == [0, 1, 3]  # the mixed layers 0 and 3 and the converted layer 1
+    probe = teacher_attention(teacher, IDS[:1, :16], [3])[3]
+    probs = probe.probs[:, 2:].float()  # layer 3's mixer computes teacher heads 2 and 3
+    mixing = head_student.model.layers[3].self_attn.mixer.materialize(probe.inputs).float()
+    expected = math.sqrt((mixing - probs).double().pow(2).sum().item() / probs.double().pow(2).sum().item())
+    assert layers[3]["matrix_rel_error"] == pytest.approx(expected, rel=1e-5)
