@@ -157,7 +157,7 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
         *("--heldout", str(workspace / "held.txt"), "--out", str(out), "--plans", "0.5", "--heads", "3"),
     )
     results = json.loads((out / "results.json").read_text())
-    name, heads_name = results["runs"]
+    heads_name, name = results["runs"]
     run, heads = results["runs"][name], results["runs"][heads_name]
     assert name == "50pct/retrieval/synthetic50/seed0" and run["choice"] == "retrieval"
     assert len(run["attention_layers"]) == 2 and run["synthetic"] == 0.5

@@ -215,6 +215,12 @@ def main() -> None:
     save_results(results_path, results)
 
     jobs = [
+        (head_run_name(heads, fraction, seed), {"keep_heads": heads}, fraction, seed)
+        for heads in args.heads
+        for fraction in args.synthetic
+        for seed in args.seeds
+    ]
+    jobs += [
         (
             run_name(keep, choice, fraction, seed),
             {"keep_attention": keep, "layer_choice": choice},
@@ -223,12 +229,6 @@ def main() -> None:
         )
         for keep in args.plans
         for choice in args.choices
-        for fraction in args.synthetic
-        for seed in args.seeds
-    ]
-    jobs += [
-        (head_run_name(heads, fraction, seed), {"keep_heads": heads}, fraction, seed)
-        for heads in args.heads
         for fraction in args.synthetic
         for seed in args.seeds
     ]
