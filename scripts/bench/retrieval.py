@@ -10,11 +10,18 @@ passkey samples at --lengths (`ssmify.eval.retrieval`; the teacher is scored on 
 Retention is student / teacher accuracy; the overall figure sums over the points where the teacher
 scores at least 50%.
 
+With --heads N, head-level hybrids join the grid: `convert --keep-heads N` keeps attention in the N KV
+heads (model-wide) with the most induction copy mass and makes every other head a mixer head
+(`ssmify.convert.mixed_layer`); same recipe, tokens and scoring. For a comparison at equal KV-cache
+bytes, give a layer plan with the same number of KV heads: 3 of SmolLM2-135M's 30 layers (--plans 0.1)
+hold 9 KV heads, as --heads 9. The table adds the KV-cache MiB at 2k and 8k tokens (float32, one sequence).
+
 Results go to OUT/results.json after every student, so a killed run continues where it stopped.
 Student folders are deleted once scored, unless --keep-students.
 
     python scripts/bench/retrieval.py                                  # SmolLM2-135M, the full grid
     python scripts/bench/retrieval.py --plans 0.5 --choices even retrieval --synthetic 0
+    python scripts/bench/retrieval.py --plans 0.1 --choices retrieval --synthetic 0 --heads 9   # equal KV bytes
     python scripts/bench/retrieval.py --quick --teacher DIR --train T.txt --heldout H.txt --recipe R.yaml
 """
 
@@ -38,6 +45,15 @@ DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-demo.ya
 
 def run_name(keep: float, choice: str, synthetic: float, seed: int) -> str:
     return f"{round(keep * 100)}pct/{choice}/synthetic{round(synthetic * 100)}/seed{seed}"
+
+
+def head_run_name(heads: int, synthetic: float, seed: int) -> str:
+    return f"heads{heads}/induction/synthetic{round(synthetic * 100)}/seed{seed}"
+
+
+def kv_mib(kv_heads: int, head_dim: int, tokens: int) -> float:
+    """KV-cache MiB of `kv_heads` KV heads at `tokens` tokens, float32 keys and values, one sequence."""
+    return kv_heads * 2 * head_dim * tokens * 4 / 2**20
 
 
 def save_results(path: Path, results: dict) -> None:
@@ -87,6 +103,7 @@ def print_table(results: dict) -> None:
     cells = [f"{t[:3]}@{n}" for t in ("induction", "passkey") for n in lengths]
     header = f"{'run':<34} | {'ppl x':>6} | " + " | ".join(f"{c:>8}" for c in cells)
     header += " | " + " | ".join(f"{'ret@' + str(n):>8}" for n in lengths) + f" | {'overall':>7}"
+    header += f" | {'KV MiB@2k':>9} | {'KV MiB@8k':>9}"
     print(header)
     print("-" * len(header))
     for name, run in results["runs"].items():
@@ -101,7 +118,12 @@ def print_table(results: dict) -> None:
         )
         overall = run["retention"]["overall"]
         row += f" | {overall:>7.2f}" if overall is not None else f" | {'-':>7}"
-        print(row + f"   ({run['attention_layers']})")
+        if "kv_heads" in run:
+            row += "".join(
+                f" | {kv_mib(run['kv_heads'], results['head_dim'], n):>9.1f}" for n in (2048, 8192)
+            )
+        kept = run.get("attention_heads") or run["attention_layers"]
+        print(row + f"   ({kept})")
 
 
 def main() -> None:
@@ -121,6 +143,13 @@ def main() -> None:
         "--synthetic", type=float, nargs="+", default=[0.0, 0.1], help="synthetic data fractions"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--heads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="head-level runs: KV heads kept (convert --keep-heads)",
+    )
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=[1024, 2048], help="retrieval context lengths"
     )
@@ -179,75 +208,82 @@ def main() -> None:
             "samples": args.samples,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "head_dim": teacher.config.head_dim,
+            "kv_heads_per_layer": teacher.config.num_key_value_heads,
         }
     )
     save_results(results_path, results)
 
-    for keep in args.plans:
-        for choice in args.choices:
-            for fraction in args.synthetic:
-                for seed in args.seeds:
-                    name = run_name(keep, choice, fraction, seed)
-                    if name in results["runs"]:
-                        continue
-                    run_dir = out / name
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                    start = time.perf_counter()
-                    student = convert(  # from the folder, so that the layer scores are cached
-                        str(teacher_dir),
-                        out=run_dir / "convert",
-                        keep_attention=keep,
-                        layer_choice=choice,
-                        tokenizer=tokenizer,
-                        seed=seed,
-                        overwrite=True,
-                    )
-                    layers = student.config.ssmify["attention_layers"]
-                    layer_scores = student.convert_report["layer_scores"]
-                    del student
-                    recipe = copy.deepcopy(base)
-                    recipe.update(
-                        teacher=str(teacher_dir), student={"path": str(run_dir / "convert")}, seed=seed
-                    )
-                    recipe["output_dir"] = str(run_dir)
-                    recipe["data"] = {**recipe["data"], "train": [str(train)], "validation": [str(heldout)]}
-                    recipe["data"].pop("synthetic", None)  # this run's fraction, not the recipe's
-                    if fraction > 0:
-                        recipe["data"]["synthetic"] = {
-                            "fraction": fraction,
-                            "kinds": ["induction", "kv", "passkey"],
-                        }
-                    if args.quick:
-                        for stage in recipe["stages"]:
-                            stage.update(
-                                tokens=stage["global_batch_tokens"], eval_tokens=64, checkpoint_every=None
-                            )
-                    parsed = parse_recipe(recipe, str(args.recipe))
-                    run_recipe(parsed, resume=True)
-                    trained = time.perf_counter() - start
-                    last = run_dir / stage_dir_name(len(parsed.stages) - 1, parsed.stages[-1])
-                    model = load_student(last).eval()
-                    sums = scan_windows(model, windows, None, 4, agreement=False, progress=False)
-                    scores = retrieval_scores(model, tokenizer, options)
-                    results["runs"][name] = {
-                        "plan": keep,
-                        "choice": choice,
-                        "synthetic": fraction,
-                        "seed": seed,
-                        "attention_layers": layers,
-                        "layer_scores": layer_scores,
-                        "training_tokens": sum(s["tokens"] for s in recipe["stages"]),
-                        "perplexity": float(torch.tensor(sums.nll / sums.tokens).exp()),
-                        "retrieval": {t: {str(n): v for n, v in a.items()} for t, a in scores.items()},
-                        "retention": retention(scores, teacher_retrieval),
-                        "seconds": round(time.perf_counter() - start, 1),
-                        "train_seconds": round(trained, 1),
-                    }
-                    save_results(results_path, results)
-                    print(f"[{name}] {json.dumps(results['runs'][name]['retention'])}", flush=True)
-                    del model
-                    if not args.keep_students:
-                        shutil.rmtree(run_dir, ignore_errors=True)
+    jobs = [
+        (head_run_name(heads, fraction, seed), {"keep_heads": heads}, fraction, seed)
+        for heads in args.heads
+        for fraction in args.synthetic
+        for seed in args.seeds
+    ]
+    jobs += [
+        (
+            run_name(keep, choice, fraction, seed),
+            {"keep_attention": keep, "layer_choice": choice},
+            fraction,
+            seed,
+        )
+        for keep in args.plans
+        for choice in args.choices
+        for fraction in args.synthetic
+        for seed in args.seeds
+    ]
+    for name, plan, fraction, seed in jobs:
+        if name in results["runs"]:
+            continue
+        run_dir = out / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        start = time.perf_counter()
+        student = convert(  # from the folder, so that the layer scores are cached
+            str(teacher_dir), out=run_dir / "convert", tokenizer=tokenizer, seed=seed, overwrite=True, **plan
+        )
+        layers = student.config.ssmify["attention_layers"]
+        report = student.convert_report
+        kv_heads = report.get("kv_heads_kept", len(layers) * results["kv_heads_per_layer"])
+        del student
+        recipe = copy.deepcopy(base)
+        recipe.update(teacher=str(teacher_dir), student={"path": str(run_dir / "convert")}, seed=seed)
+        recipe["output_dir"] = str(run_dir)
+        recipe["data"] = {**recipe["data"], "train": [str(train)], "validation": [str(heldout)]}
+        recipe["data"].pop("synthetic", None)  # this run's fraction, not the recipe's
+        if fraction > 0:
+            recipe["data"]["synthetic"] = {"fraction": fraction, "kinds": ["induction", "kv", "passkey"]}
+        if args.quick:
+            for stage in recipe["stages"]:
+                stage.update(tokens=stage["global_batch_tokens"], eval_tokens=64, checkpoint_every=None)
+        parsed = parse_recipe(recipe, str(args.recipe))
+        run_recipe(parsed, resume=True)
+        trained = time.perf_counter() - start
+        last = run_dir / stage_dir_name(len(parsed.stages) - 1, parsed.stages[-1])
+        model = load_student(last).eval()
+        sums = scan_windows(model, windows, None, 4, agreement=False, progress=False)
+        scores = retrieval_scores(model, tokenizer, options)
+        results["runs"][name] = {
+            "plan": plan.get("keep_attention"),
+            "choice": plan.get("layer_choice", "induction heads"),
+            "synthetic": fraction,
+            "seed": seed,
+            "attention_layers": layers,
+            "attention_heads": report.get("attention_heads"),
+            "kv_heads": kv_heads,
+            "layer_scores": report["layer_scores"],
+            "head_scores": report.get("head_scores"),
+            "training_tokens": sum(s["tokens"] for s in recipe["stages"]),
+            "perplexity": float(torch.tensor(sums.nll / sums.tokens).exp()),
+            "retrieval": {t: {str(n): v for n, v in a.items()} for t, a in scores.items()},
+            "retention": retention(scores, teacher_retrieval),
+            "seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(trained, 1),
+        }
+        save_results(results_path, results)
+        print(f"[{name}] {json.dumps(results['runs'][name]['retention'])}", flush=True)
+        del model
+        if not args.keep_students:
+            shutil.rmtree(run_dir, ignore_errors=True)
     print_table(results)
 
 

@@ -51,6 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="fraction of layers that keep attention (0 = pure SSM); --layer-choice says which",
     )
+    plan.add_argument(
+        "--attention-heads",
+        help="KV groups that keep attention, as layer:kv_group, e.g. 3:0,7:2 (a head-level hybrid)",
+    )
+    plan.add_argument(
+        "--keep-heads",
+        type=float,
+        help="KV heads that keep attention model-wide: a count (>= 1) or a fraction (< 1), chosen by "
+        "induction copy mass (a head-level hybrid)",
+    )
+    plan.add_argument(
+        "--kv-budget-mib",
+        type=float,
+        help="keep as many KV heads (by induction copy mass) as fit in this many MiB of KV cache at --context",
+    )
+    p.add_argument(
+        "--context", type=int, default=2048, help="context length for --kv-budget-mib (default 2048)"
+    )
     p.add_argument(
         "--layer-choice",
         default="even",
@@ -85,14 +103,23 @@ def run(args: argparse.Namespace) -> int:
         calibration_text=args.calibration_text,
         mixer_width=args.mixer_width,
         gate=args.gate,
+        attention_heads=args.attention_heads,
+        keep_heads=args.keep_heads,
+        kv_budget_mib=args.kv_budget_mib,
+        context=args.context,
     )
     report = student.convert_report
     if report is None:
         raise SsmifyError("conversion produced no report")
+    heads = (
+        f" and {report['kv_heads_kept']} of {report['kv_heads_total']} KV heads"
+        if "kv_heads_kept" in report
+        else ""
+    )
     print(
         f"{args.out}: {report['family']} -> {report['mixer']} ({report['init']}), "
         f"attention kept in {len(report['attention_layers'])} of "
-        f"{len(report['attention_layers']) + len(report['converted_layers'])} layers; "
+        f"{len(report['attention_layers']) + len(report['converted_layers'])} layers{heads}; "
         f"perplexity before training {report['student_perplexity']:.2f} "
         f"(teacher {report['teacher_perplexity']:.2f}); {report['seconds']:.1f} s"
     )

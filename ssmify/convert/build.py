@@ -14,6 +14,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ssmify.convert.adapters import get_adapter
+from ssmify.convert.head_plan import HeadPlan
+from ssmify.convert.mixed_layer import copy_kept_attention, mixer_weights, seedable, teacher_heads
 from ssmify.convert.plan import LayerPlan
 from ssmify.convert.probes import teacher_attention
 from ssmify.convert.seed import (
@@ -34,7 +36,7 @@ CALIBRATION_WINDOWS = 8
 
 def seeded_student(
     model: PreTrainedModel,
-    plan: LayerPlan,
+    plan: LayerPlan | HeadPlan,
     mixer: str,
     init: str,
     calibration: torch.Tensor,
@@ -47,6 +49,8 @@ def seeded_student(
 ) -> PreTrainedModel:
     """The teacher with `plan.converted` attention layers swapped for mixers, seeded from attention and
     calibrated on `calibration` token windows (init "seeded") or left freshly initialised ("random").
+    A head plan's mixed layers keep the teacher's attention for their kept KV groups (copied, whatever
+    `init`), and their mixers are seeded from the other groups' heads.
     `mixer_options` override the mixer settings that seeding picks (checked by `convert`); `width` and
     `gate` are `seed.mixer_settings`'. With gate "mean", `gate_report` (if given) receives each layer's
     `seed_mean_gate` figures."""
@@ -63,19 +67,31 @@ def seeded_student(
         },
         "attention_layers": list(plan.attention_layers),
     }
+    if isinstance(plan, HeadPlan):
+        block.update(plan.block_fields())
     torch.manual_seed(seed)
     student = build_student(model.config, block)
     student.to(device=model.device, dtype=next(model.parameters()).dtype).eval()
     copy_teacher_weights(student, model, adapter.attention_attr, plan)
+    student_blocks = adapter.decoder_layers(student)
+    for i in getattr(plan, "mixed", {}):
+        copy_kept_attention(
+            getattr(student_blocks[i], adapter.attention_attr), getattr(blocks[i], adapter.attention_attr)
+        )
     student.generation_config = model.generation_config
 
     mixers = mixer_layers(student)
     if init == "seeded" and plan.converted:
         attentions = {
-            i: adapter.read_attention(getattr(blocks[i], adapter.attention_attr)) for i in plan.converted
+            i: mixer_weights(
+                getattr(student_blocks[i], adapter.attention_attr),
+                adapter.read_attention(getattr(blocks[i], adapter.attention_attr)),
+            )
+            for i in plan.converted
         }
         for i in plan.converted:
-            seed_mixer(mixers[i], attentions[i])
+            with seedable(mixers[i], attentions[i].hidden_size):
+                seed_mixer(mixers[i], attentions[i])
         with torch.no_grad():
             probes = teacher_attention(model, calibration, plan.converted)
         for i, probe in probes.items():
@@ -83,8 +99,11 @@ def seeded_student(
                 figures = seed_mean_gate(mixers[i], probe.inputs)
                 if gate_report is not None:
                     gate_report[i] = figures
-            target = teacher_head_outputs(attentions[i], probe.inputs, probe.probs)
-            calibrate_mixer(mixers[i], probe.inputs, target)
+            heads = teacher_heads(mixers[i])
+            probs = probe.probs if heads is None else probe.probs[:, heads]
+            target = teacher_head_outputs(attentions[i], probe.inputs, probs)
+            with seedable(mixers[i], attentions[i].hidden_size):
+                calibrate_mixer(mixers[i], probe.inputs, target)
         log.info(
             "seeded %d mixers from attention and calibrated them on %d tokens",
             len(probes),
@@ -102,7 +121,7 @@ def norm_eps(config: PretrainedConfig) -> float:
 
 
 def copy_teacher_weights(
-    student: nn.Module, teacher: nn.Module, attention_attr: str, plan: LayerPlan
+    student: nn.Module, teacher: nn.Module, attention_attr: str, plan: LayerPlan | HeadPlan
 ) -> None:
     """Load every teacher weight the student shares; check that what differs is exactly the swapped attention."""
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
@@ -112,7 +131,7 @@ def copy_teacher_weights(
         parts = key.split(".")
         return any(parts[j] in converted and parts[j + 1] == attention_attr for j in range(len(parts) - 1))
 
-    wrong_missing = [k for k in missing if ".mixer." not in k]
+    wrong_missing = [k for k in missing if not in_converted_attention(k)]
     wrong_unexpected = [k for k in unexpected if not in_converted_attention(k)]
     if wrong_missing or wrong_unexpected:
         raise SsmifyError(

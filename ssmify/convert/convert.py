@@ -18,6 +18,7 @@ from ssmify.atomic import atomic_directory, check_output_dir
 from ssmify.cards import distillation_section, front_matter
 from ssmify.convert.adapters import get_adapter
 from ssmify.convert.build import calibration_windows, read_calibration_text, seeded_student
+from ssmify.convert.head_plan import HeadPlan, plan_heads
 from ssmify.convert.plan import LayerPlan
 from ssmify.convert.seed import GATES, WIDTHS
 from ssmify.convert.sensitivity import CHOICE_METRICS, cached_layer_scores, choose_layers
@@ -60,6 +61,10 @@ def convert(
     seed: int = 0,
     mixer_width: str = "full",
     gate: str = "z",
+    attention_heads: str | None = None,
+    keep_heads: float | None = None,
+    kv_budget_mib: float | None = None,
+    context: int = 2048,
 ) -> PreTrainedModel:
     """Turn `teacher` into a student whose non-kept attention layers are mixers; save it to `out` if given.
 
@@ -76,6 +81,11 @@ def convert(
     shared by the query heads as GQA shares keys and values: fewer weights, the same seeded function).
     gate (mamba2): "z" (gate with in_proj/out_proj biases, pass-through at seeding), "mean" (no bias, for
     llama.cpp: z rows seeded along the mean input direction, see `seed.seed_mean_gate`) or "none".
+    attention_heads / keep_heads / kv_budget_mib: a head-level plan instead (ssmify.convert.head_plan):
+    KV groups by hand ("3:0,7:2", layer:kv_group), a count or fraction of KV heads, or as many KV heads
+    as fit in kv_budget_mib MiB of KV cache at `context` tokens; the last two keep the KV groups with the
+    highest induction copy mass (ssmify.convert.head_scores), whose scores go into the report. A head
+    plan takes the default mixer layout (full width, gate z).
     The student's perplexity before any training, next to the teacher's, and its parameter counts next
     to the teacher's, are logged and saved in `out/convert_report.json`.
     """
@@ -83,6 +93,14 @@ def convert(
         raise SsmifyError(f"--mixer: {mixer!r} is not a mixer; choose one of {', '.join(MIXERS)}")
     mixer_options = check_mixer_options(mixer, mixer_options or {})
     check_lean_options(mixer, mixer_width, gate)
+    if (attention_heads, keep_heads, kv_budget_mib) != (None, None, None) and (mixer_width, gate) != (
+        "full",
+        "z",
+    ):
+        raise SsmifyError(
+            f"--mixer-width {mixer_width} --gate {gate}: head-level plans (--attention-heads, --keep-heads, "
+            "--kv-budget-mib) take only the default mixer layout, --mixer-width full --gate z"
+        )
     if init not in INITS:
         raise SsmifyError(f"--init: {init!r} is not an init; choose one of {', '.join(INITS)}")
     if layer_choice not in LAYER_CHOICES:
@@ -93,20 +111,27 @@ def convert(
         raise SsmifyError(
             f"--layer-choice {layer_choice} chooses among layers: give --keep-attention F, the share to keep"
         )
+    if (attention_layers is not None or keep_attention is not None) and (
+        attention_heads is not None or keep_heads is not None or kv_budget_mib is not None
+    ):
+        raise SsmifyError("give a layer plan (--attention-layers, --keep-attention) or a head plan, not both")
     if out is not None:
         check_output_dir(out, overwrite)
     text = read_calibration_text(calibration_text)
     out_dtype = resolve_dtype(dtype) if dtype is not None else None
+    kv_dtype = out_dtype or torch.float32
     started = time.perf_counter()
 
     if isinstance(teacher, PreTrainedModel):
         model, source = teacher, getattr(teacher, "name_or_path", "") or "<in-memory model>"
         plan = _check_plan(source, model.config, attention_layers, keep_attention)
+        heads = plan_heads(model.config, attention_heads, keep_heads, kv_budget_mib, context, kv_dtype)
     else:
         source = str(teacher)
         # Everything that can be checked from config.json is checked before the weights load.
         config = load_config(teacher, trust_remote_code)
         plan = _check_plan(source, config, attention_layers, keep_attention)
+        heads = plan_heads(config, attention_heads, keep_heads, kv_budget_mib, context, kv_dtype)
         model, loaded = load_teacher(teacher, dtype=torch.float32, trust_remote_code=trust_remote_code)
         tokenizer = tokenizer or loaded
     model.eval()
@@ -120,6 +145,11 @@ def convert(
         metrics = CHOICE_METRICS[layer_choice]
         scores = cached_layer_scores(model, ids, metrics, tokenizer, mixer, seed, teacher_dir)
         plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
+    head_scores = None
+    if heads is not None:
+        from ssmify.convert.head_scores import choose_heads
+
+        plan, head_scores = choose_heads(model, heads)
     log.info("plan: %s", plan.describe())
 
     gate_report: dict[int, dict] = {}
@@ -146,6 +176,7 @@ def convert(
         "layer_choice": layer_choice,
         "layer_scores": scores,
         "converted_layers": list(plan.converted),
+        **(_head_report(plan, head_scores, context, kv_dtype) if isinstance(plan, HeadPlan) else {}),
         "calibration_tokens": int(calibration.numel()),
         "eval_tokens": int(held_out.numel()),
         "teacher_perplexity": perplexity(model, held_out),
@@ -180,6 +211,22 @@ def convert(
         save_student(student, out, tokenizer=tokenizer, report=report, overwrite=overwrite)
     student.convert_report = report
     return student
+
+
+def _head_report(plan: HeadPlan, scores: torch.Tensor, context: int, dtype: torch.dtype) -> dict:
+    """What a head plan adds to convert_report.json: the kept KV groups and every group's score."""
+    from ssmify.convert.head_scores import HEAD_SCORE
+
+    return {
+        "attention_heads": [list(head) for head in plan.kept],
+        "mixed_layers": {str(i): list(g) for i, g in plan.mixed.items()},
+        "kv_heads_kept": len(plan.kept),
+        "kv_heads_total": plan.total,
+        "head_score": HEAD_SCORE,
+        "head_scores": scores.tolist(),
+        "kv_cache_context": context,
+        "kv_cache_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def check_mixer_options(mixer: str, options: dict) -> dict:
@@ -305,6 +352,7 @@ def model_card(student: PreTrainedModel, report: dict | None, stages: list[dict]
         f"A {block['base_model_type']} model in which {n - len(kept)} of {n} attention layers were replaced by "
         f"`{block['mixer']}` mixers ({'seeded from the attention weights' if _init(block) == 'seeded' else _init(block)}).",
         f"Attention kept in layers: {', '.join(map(str, kept)) or 'none (pure SSM)'}.",
+        *_mixed_lines(block),
         "",
         "## Load",
         "",
@@ -330,6 +378,18 @@ def model_card(student: PreTrainedModel, report: dict | None, stages: list[dict]
         ]
     lines += distillation_section(stages or [])
     return "\n".join(lines) + "\n"
+
+
+def _mixed_lines(block: dict) -> list[str]:
+    """The card's line on mixed layers: attention kept in some KV groups, a mixer for the other heads."""
+    mixed = block.get("attention_heads")
+    if not mixed:
+        return []
+    groups = "; ".join(f"layer {i}: KV groups {', '.join(map(str, g))}" for i, g in mixed.items())
+    return [
+        f"Mixed layers keep attention in some KV groups and a mixer for the other heads ({groups}); "
+        "no native transformers architecture holds such a layer, so this folder is the format to use."
+    ]
 
 
 def _init(block: dict) -> str:

@@ -234,12 +234,19 @@ def chunked_prefill_generate(generate: Any, model: PreTrainedModel, *args: Any, 
 
 
 def install_mixers(model: PreTrainedModel, config: PreTrainedConfig) -> None:
-    """Put a freshly initialised mixer in place of attention in every layer that does not keep it."""
+    """Put a freshly initialised mixer in place of attention in every layer that does not keep it, and
+    a mixed layer (`mixed_layer.py`) in each layer of `attention_heads` (layer -> kept KV groups)."""
     block = config.ssmify
     adapter = get_adapter(block["base_model_type"])
     keep = set(block["attention_layers"])
+    mixed = {int(i): groups for i, groups in block.get("attention_heads", {}).items()}
     for idx, layer in enumerate(adapter.decoder_layers(model)):
-        if idx not in keep:
+        if idx in mixed:
+            from ssmify.convert.mixed_layer import make_mixed_attention
+
+            attention = make_mixed_attention(getattr(layer, adapter.attention_attr), block, mixed[idx], idx)
+            setattr(layer, adapter.attention_attr, attention)
+        elif idx not in keep:
             mixer = build_mixer(block["mixer"], block["mixer_config"])
             setattr(layer, adapter.attention_attr, MixerAttention(mixer, idx))
 

@@ -94,7 +94,16 @@ class DataConfig(StrictModel):
     synthetic: SyntheticConfig | None = None
 
 
-CONVERT_OPTIONS = ("mixer", "mixer_options", "keep_attention", "attention_layers", "layer_choice", "init")
+CONVERT_OPTIONS = (
+    "mixer",
+    "mixer_options",
+    "keep_attention",
+    "attention_layers",
+    "layer_choice",
+    "init",
+    "attention_heads",
+    "keep_heads",
+)
 
 
 class StudentConfig(StrictModel):
@@ -107,6 +116,8 @@ class StudentConfig(StrictModel):
     attention_layers: list[int] | None = None
     layer_choice: Literal["even", "sensitive", "kl", "retrieval", "auto"] | None = None
     init: Literal["seeded", "random"] | None = None
+    attention_heads: str | None = None  # a head-level plan, as `convert --attention-heads 3:0,7:2`
+    keep_heads: float | None = Field(None, gt=0)  # as `convert --keep-heads`: a count, or a fraction below 1
 
     @model_validator(mode="after")
     def _path_or_convert_options(self) -> StudentConfig:

@@ -58,6 +58,9 @@ def alignment(
         blocks = capture_blocks(teacher, input_ids, layers)
         for i in layers:
             probs = attention[i].probs.float()
+            heads = getattr(mixers[i], "teacher_heads", None)  # a mixed layer's mixer computes only these
+            if heads is not None:
+                probs = probs[:, list(heads)]
             mixing = mixers[i].materialize(attention[i].inputs.to(model.device)).float().to(probs.device)
             if mixing.shape != probs.shape:
                 raise SsmifyError(

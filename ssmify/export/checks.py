@@ -168,6 +168,13 @@ def choose_target(student: PreTrainedModel | PreTrainedConfig, target: str = "au
     """The target to export to: `target` itself; for an engine name, the first target that engine runs
     exactly; for "auto", the target the most engines run exactly (the first of TARGETS on a tie)."""
     config = getattr(student, "config", student)
+    mixed = (getattr(config, MODEL_TYPE, None) or {}).get("attention_heads")
+    if mixed:
+        raise SsmifyError(
+            f"export: layers {', '.join(mixed)} mix attention and mixer heads, which no native transformers "
+            "architecture holds; use the ssmify-native student folder (import ssmify; "
+            "AutoModelForCausalLM.from_pretrained) instead"
+        )
     check_exportable(config, target)
     if target in ENGINE_NAMES:
         return targets_for_engine(config, target)[0]

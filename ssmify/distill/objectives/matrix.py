@@ -23,6 +23,9 @@ class MatrixLayerLoss(nn.Module):
         self.mixer = mixer
 
     def forward(self, attention_input: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        heads = getattr(self.mixer, "teacher_heads", None)  # a mixed layer's mixer computes only these
+        if heads is not None:
+            attention = attention[:, list(heads)]
         mixing = self.mixer.materialize(attention_input)
         return torch.linalg.matrix_norm(mixing.float() - attention.float(), ord="fro").mean()
 

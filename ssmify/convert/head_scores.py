@@ -1,0 +1,59 @@
+"""Per-KV-head retrieval scores of a teacher, for choosing which heads keep attention.
+
+The score is the induction copy mass: on sequences of random tokens repeated once (x, x), at every
+position t of the second copy the token to predict is the one after the previous occurrence of the
+current token, at position t - n + 1; a head's score is the attention probability it puts there,
+averaged over positions and sequences. A KV group scores the maximum over its query heads.
+
+Why this score: it measures the one thing a fixed-size recurrent state cannot do at long range, looking
+up an exact earlier token by content, and it does so from the teacher alone in one forward pass (the
+alternative, the drop in retrieval accuracy when one head alone is replaced, takes one pass per head,
+90 for SmolLM2-135M, and mixes in how well that head's seeded mixer happens to do). Random tokens keep
+language statistics out of it: the only way to predict the second copy is to copy. The maximum over a
+group's heads, because a group's KV cache is the unit that is kept or dropped: one head that copies
+needs the whole group's keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from ssmify.convert.adapters import get_adapter
+from ssmify.convert.head_plan import HeadPlan
+from ssmify.convert.probes import teacher_attention
+
+HEAD_SCORE = "induction copy mass"
+INDUCTION_LENGTH = 128  # tokens in each copy
+INDUCTION_SEQUENCES = 4
+
+
+@torch.no_grad()
+def induction_head_scores(
+    model: PreTrainedModel,
+    length: int = INDUCTION_LENGTH,
+    sequences: int = INDUCTION_SEQUENCES,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(num_layers, num_kv_heads): each KV group's induction copy mass (module docstring), in [0, 1]."""
+    _, heads, kv_heads, _ = get_adapter(model.config.model_type).dims(model.config)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(min(100, vocab // 2), vocab, (sequences, length), generator=generator)
+    ids = torch.cat([first, first], dim=1).to(model.device)
+    layers = range(model.config.num_hidden_layers)
+    probes = teacher_attention(model, ids, layers)
+    t = torch.arange(length, 2 * length, device=model.device)  # query positions in the second copy
+    target = t - length + 1  # the token after the previous occurrence of the token at t
+    scores = torch.empty(len(layers), kv_heads)
+    for i in layers:
+        mass = probes[i].probs[:, :, t, target].float().mean(dim=(0, 2))  # (heads,)
+        scores[i] = mass.view(kv_heads, heads // kv_heads).amax(-1).cpu()
+    return scores
+
+
+def choose_heads(model: PreTrainedModel, wanted: HeadPlan | int) -> tuple[HeadPlan, torch.Tensor]:
+    """The plan (`wanted` itself, or the `wanted` best-scoring KV groups) and every KV group's score."""
+    scores = induction_head_scores(model)
+    plan = wanted if isinstance(wanted, HeadPlan) else HeadPlan.top(scores, wanted)
+    return plan, scores
