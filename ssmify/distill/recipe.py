@@ -94,7 +94,16 @@ class DataConfig(StrictModel):
     synthetic: SyntheticConfig | None = None
 
 
-CONVERT_OPTIONS = ("mixer", "mixer_options", "keep_attention", "attention_layers", "layer_choice", "init")
+CONVERT_OPTIONS = (
+    "mixer",
+    "mixer_options",
+    "keep_attention",
+    "attention_layers",
+    "layer_choice",
+    "init",
+    "mixer_width",
+    "gate",
+)
 
 
 class StudentConfig(StrictModel):
@@ -107,6 +116,8 @@ class StudentConfig(StrictModel):
     attention_layers: list[int] | None = None
     layer_choice: Literal["even", "sensitive", "kl", "retrieval", "auto"] | None = None
     init: Literal["seeded", "random"] | None = None
+    mixer_width: Literal["full", "kv"] | None = None  # None: convert's default, full
+    gate: Literal["z", "mean", "none"] | None = None  # None: convert's default, z (mean/none: mamba2 only)
 
     @model_validator(mode="after")
     def _path_or_convert_options(self) -> StudentConfig:
@@ -117,6 +128,8 @@ class StudentConfig(StrictModel):
             )
         if self.keep_attention is not None and self.attention_layers is not None:
             raise ValueError("give either keep_attention or attention_layers, not both")
+        if self.gate not in (None, "z") and self.mixer not in (None, "mamba2"):
+            raise ValueError(f"gate {self.gate} is mamba2's alone; {self.mixer} takes gate z")
         return self
 
     def convert_kwargs(self) -> dict[str, Any]:
