@@ -237,14 +237,14 @@ def test_mixers_quality_variants_convert_lean_students_with_fewer_parameters(wor
         *("--plans", "0.5", "--mixers", "mamba2", "--variants", "full/z", "kv/mean", "--keep-students"),
     )
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert sorted(runs) == ["50pct/mamba2", "50pct/mamba2/kv-mean"]
-    full, lean = runs["50pct/mamba2"], runs["50pct/mamba2/kv-mean"]
+    assert sorted(runs) == ["50pct/mamba2", "50pct/mamba2-kv-mean"]
+    full, lean = runs["50pct/mamba2"], runs["50pct/mamba2-kv-mean"]
     assert (lean["mixer_width"], lean["gate"]) == ("kv", "mean")
     assert (
         lean["parameters"] < full["parameters"] and lean["parameters_ratio"] < full["parameters_ratio"] < 1.5
     )
-    assert "50pct/mamba2/kv-mean" in stdout and "params x" in stdout
-    config = json.loads((out / "50pct/mamba2/kv-mean/convert/config.json").read_text())
+    assert "50pct/mamba2-kv-mean" in stdout and "params x" in stdout
+    config = json.loads((out / "50pct/mamba2-kv-mean/convert/config.json").read_text())
     assert config["ssmify"]["provenance"]["gate"] == "mean"
 
 

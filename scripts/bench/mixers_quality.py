@@ -46,9 +46,9 @@ DEFAULT_VARIANT = "full/z"
 
 
 def run_name(plan: float, mixer: str, variant: str) -> str:
-    """The run's key: `50pct/mamba2`, with `/kv-none` appended for a variant other than full/z."""
+    """The run's key and folder: `50pct/mamba2`, `50pct/mamba2-kv-none` for a variant other than full/z."""
     name = f"{round(plan * 100)}pct/{mixer}"
-    return name if variant == DEFAULT_VARIANT else f"{name}/{variant.replace('/', '-')}"
+    return name if variant == DEFAULT_VARIANT else f"{name}-{variant.replace('/', '-')}"
 
 
 def parse_variant(variant: str) -> tuple[str, str]:
