@@ -304,6 +304,43 @@ def test_mixers_quality_trains_both_mixers_on_the_same_layers_and_tokens(workspa
         assert name in stdout
     assert "decode tok/s@64" in stdout
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
+    assert all(
+        run["parameters_ratio"] == run["parameters"] / results["teacher_parameters"] for run in runs.values()
+    )
+
+
+def test_mixers_quality_variants_convert_lean_students_with_fewer_parameters(workspace: Path):
+    """kv width under GQA (4 query heads, 2 key/value heads) and a bias-free mean gate: fewer parameters."""
+    out = workspace / "mixers_quality_variants"
+    stdout = run_script(
+        "mixers_quality.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--out", str(out)),
+        *("--plans", "0.5", "--mixers", "mamba2", "--variants", "full/z", "kv/mean", "--keep-students"),
+    )
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(runs) == ["50pct/mamba2", "50pct/mamba2-kv-mean"]
+    full, lean = runs["50pct/mamba2"], runs["50pct/mamba2-kv-mean"]
+    assert (lean["mixer_width"], lean["gate"]) == ("kv", "mean")
+    assert (
+        lean["parameters"] < full["parameters"] and lean["parameters_ratio"] < full["parameters_ratio"] < 1.5
+    )
+    assert "50pct/mamba2-kv-mean" in stdout and "params x" in stdout
+    config = json.loads((out / "50pct/mamba2-kv-mean/convert/config.json").read_text())
+    assert config["ssmify"]["provenance"]["gate"] == "mean"
+
+
+def test_mixers_quality_rejects_a_bad_variant(workspace: Path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "mixers_quality.py"), "--quick", "--variants", "kv/sigmoid"],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "'kv/sigmoid' is not WIDTH/GATE" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.engines

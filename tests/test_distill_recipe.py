@@ -98,6 +98,36 @@ def test_student_takes_a_path_or_convert_options_but_not_both():
     assert "student.layer_choice" in error_of(raw)
 
 
+def test_student_lean_options_reach_the_converted_mixers(tmp_path):
+    from accelerate import PartialState
+    from test_distill_support import char_tokenizer, write_teacher
+
+    from ssmify.convert.student import mixer_layers
+    from ssmify.distill.run import find_or_convert_student
+    from ssmify.distill.students import load_student
+
+    teacher_dir = write_teacher(tmp_path / "teacher")  # 4 query heads, 2 key/value heads
+    raw = minimal()
+    raw["student"] = {"keep_attention": 0.5, "layer_choice": "even", "mixer_width": "kv", "gate": "none"}
+    recipe = parse_recipe(raw)
+    teacher = load_student(teacher_dir)
+    folder = find_or_convert_student(recipe, teacher, char_tokenizer(), tmp_path / "run", PartialState())
+    configs = [m.config for m in mixer_layers(load_student(folder)).values()]
+    assert configs and all(c.n_kv_heads == 2 and c.n_heads == 4 and c.gate == "none" for c in configs)
+
+
+def test_student_lean_options_are_checked():
+    raw = minimal()
+    raw["student"] = {"mixer_width": "half"}
+    assert "student.mixer_width" in error_of(raw) and "'full' or 'kv'" in error_of(raw)
+    raw["student"] = {"gate": "sigmoid"}
+    assert "student.gate" in error_of(raw)
+    raw["student"] = {"mixer": "gated_deltanet", "gate": "mean"}
+    assert "student: " in error_of(raw) and "gate mean is mamba2's alone" in error_of(raw)
+    raw["student"] = {"path": "x", "gate": "mean"}
+    assert "not both" in error_of(raw)
+
+
 def test_yaml_no_means_no_mixed_precision():
     raw = yaml.safe_load("mixed_precision: no")
     recipe = parse_recipe({**minimal(), **raw})

@@ -8,13 +8,17 @@ layers are chosen once, by --layer-choice with the mamba2 mixer (scores cached p
 and both mixers keep exactly those. Every student is scored on the same held-out slice (perplexity
 against the teacher's) and on the same induction and passkey samples at --lengths (retention = student /
 teacher accuracy, `ssmify.eval.retrieval.against_teacher`); its decoding state per mixer layer is
-counted, its training tokens/s read from the stage summaries, and its decode tokens/s measured at
---decode-context (`ssmify.eval.speed.measure`, batch 1, greedy).
+counted, its parameters set against the teacher's, its training tokens/s read from the stage summaries,
+and its decode tokens/s measured at --decode-context (`ssmify.eval.speed.measure`, batch 1, greedy).
+
+--variants picks the mixer layouts (`convert`'s mixer_width/gate, as WIDTH/GATE): full/z is the default
+student; kv/z, full/none, kv/none and kv/mean are the lean ones (gates other than z are mamba2's alone).
 
 Results go to OUT/results.json after every student, so a killed run continues where it stopped.
 
     python scripts/bench/mixers_quality.py                    # SmolLM2-135M, 4 students, 25-30 min on 2 cores
     python scripts/bench/mixers_quality.py --tokens 20480     # two thirds of the recipe's budget: about 22 min
+    python scripts/bench/mixers_quality.py --plans 0.5 --mixers mamba2 --variants full/z kv/z kv/none
     python scripts/bench/mixers_quality.py --quick --teacher DIR --train T.txt --heldout H.txt
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import os
@@ -37,6 +42,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retrieval import DEMO_RECIPE, retention, retrieval_scores, save_results  # noqa: E402
 
 MIXERS = ("mamba2", "gated_deltanet")
+DEFAULT_VARIANT = "full/z"
+
+
+def run_name(plan: float, mixer: str, variant: str) -> str:
+    """The run's key and folder: `50pct/mamba2`, `50pct/mamba2-kv-none` for a variant other than full/z."""
+    name = f"{round(plan * 100)}pct/{mixer}"
+    return name if variant == DEFAULT_VARIANT else f"{name}-{variant.replace('/', '-')}"
+
+
+def parse_variant(variant: str) -> tuple[str, str]:
+    """WIDTH/GATE -> (mixer_width, gate); a one-line error for anything else."""
+    from ssmify.convert.seed import GATES, WIDTHS
+    from ssmify.errors import SsmifyError
+
+    width, _, gate = variant.partition("/")
+    if width not in WIDTHS or gate not in GATES:
+        raise SsmifyError(
+            f"--variants: {variant!r} is not WIDTH/GATE with WIDTH in {', '.join(WIDTHS)} "
+            f"and GATE in {', '.join(GATES)}"
+        )
+    return width, gate
 
 
 def scaled_stages(stages: list[dict], tokens: int) -> list[dict]:
@@ -79,13 +105,13 @@ def print_table(results: dict) -> None:
         f"\nteacher: perplexity {results['teacher_perplexity']:.2f}; retrieval {json.dumps(results['teacher_retrieval'])}"
     )
     cells = [f"{t[:3]}@{n}" for t in ("induction", "passkey") for n in lengths]
-    header = f"{'run':<26} | {'ppl x':>6} | " + " | ".join(f"{c:>8}" for c in cells)
+    header = f"{'run':<34} | {'ppl x':>6} | {'params x':>8} | " + " | ".join(f"{c:>8}" for c in cells)
     header += " | " + " | ".join(f"{'ret@' + str(n):>8}" for n in lengths)
     header += f" | {'state B/layer':>13} | {'train tok/s':>11} | {'decode tok/s@' + str(results['decode_context']):>17}"
     print(header)
     print("-" * len(header))
     for name, run in results["runs"].items():
-        row = f"{name:<26} | {run['perplexity_ratio']:>6.2f} | "
+        row = f"{name:<34} | {run['perplexity_ratio']:>6.2f} | {run['parameters_ratio']:>8.3f} | "
         row += " | ".join(
             f"{run['retention']['by_task'][t][str(n)]:>8.2f}"
             if run["retention"]["by_task"][t].get(str(n)) is not None
@@ -101,7 +127,8 @@ def print_table(results: dict) -> None:
         row += f" | {run['state_bytes_per_layer']:>13,} | {run['train_tokens_per_s']:>11.1f}"
         row += f" | {run['decode_tokens_per_s']:>17.1f}"
         print(row)
-    print("(retention per task: student / teacher accuracy; '-' where the teacher scores under 50%)")
+    print("(retention per task: student / teacher accuracy; '-' where the teacher scores under 50%;")
+    print(" params x: student / teacher parameters)")
 
 
 def main() -> None:
@@ -121,6 +148,12 @@ def main() -> None:
     )
     parser.add_argument("--plans", type=float, nargs="+", default=[0.0, 0.5], help="keep_attention values")
     parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[DEFAULT_VARIANT],
+        help="mixer layouts as WIDTH/GATE (full|kv / z|mean|none), e.g. full/z kv/z kv/none kv/mean",
+    )
     parser.add_argument("--layer-choice", default="retrieval", help="how the hybrid's kept layers are chosen")
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=[1024, 2048], help="retrieval context lengths"
@@ -142,14 +175,24 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from ssmify import assets
     from ssmify.convert import convert, mixer_layers
+    from ssmify.convert.convert import check_lean_options
     from ssmify.convert.teacher import load_teacher
     from ssmify.distill.recipe import parse_recipe, stage_dir_name
     from ssmify.distill.run import run_recipe
     from ssmify.distill.students import load_student
+    from ssmify.errors import SsmifyError
     from ssmify.eval.data import load_data
     from ssmify.eval.options import EvalOptions
     from ssmify.eval.scan import scan_windows
     from ssmify.eval.speed import measure
+
+    try:
+        variants = {variant: parse_variant(variant) for variant in args.variants}
+        for mixer in args.mixers:
+            for width, gate in variants.values():
+                check_lean_options(mixer, width, gate)
+    except SsmifyError as error:
+        parser.error(str(error))
 
     teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
     train, heldout = (Path(args.train), Path(args.heldout)) if args.train else assets.wikipedia_text()
@@ -159,6 +202,7 @@ def main() -> None:
     stages = scaled_stages(base["stages"], args.tokens)
     teacher, tokenizer = load_teacher(teacher_dir, dtype="float32")
     teacher.eval().requires_grad_(False)
+    teacher_parameters = sum(p.numel() for p in teacher.parameters())
     windows = load_data([str(heldout)], tokenizer, args.eval_seq_len, max_tokens=args.eval_tokens).windows
     options = EvalOptions(lengths=tuple(args.lengths), samples=args.samples, progress=False)
     vocab = teacher.config.vocab_size  # ordinary tokens: above the specials at the start of the vocabulary
@@ -179,6 +223,7 @@ def main() -> None:
     }
     results.update(
         teacher=str(teacher_dir),
+        teacher_parameters=teacher_parameters,
         recipe=str(args.recipe),
         stage_tokens={stage["name"]: stage["tokens"] for stage in stages},
         eval_tokens=int(windows.numel()),
@@ -192,8 +237,8 @@ def main() -> None:
 
     for plan in args.plans:
         layers = kept_layers(results, plan, teacher_dir, tokenizer, args.layer_choice, out)
-        for mixer in args.mixers:
-            name = f"{round(plan * 100)}pct/{mixer}"
+        for mixer, (variant, (width, gate)) in itertools.product(args.mixers, variants.items()):
+            name = run_name(plan, mixer, variant)
             if name in results["runs"]:
                 continue
             run_dir = out / name
@@ -207,6 +252,8 @@ def main() -> None:
                 tokenizer=tokenizer,
                 seed=args.seed,
                 overwrite=True,
+                mixer_width=width,
+                gate=gate,
             )
             recipe = copy.deepcopy(base)
             recipe.update(
@@ -231,6 +278,8 @@ def main() -> None:
             entry = {
                 "plan": plan,
                 "mixer": mixer,
+                "mixer_width": width,
+                "gate": gate,
                 "attention_layers": layers,
                 "training_tokens": sum(s["tokens"] for s in summaries),
                 "train_tokens_per_s": sum(s["tokens"] for s in summaries)
@@ -243,6 +292,8 @@ def main() -> None:
                 "perplexity_ratio": perplexity / results["teacher_perplexity"],
                 "retrieval": {t: {str(n): v for n, v in a.items()} for t, a in scores.items()},
                 "retention": retention(scores, teacher_retrieval),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "parameters_ratio": sum(p.numel() for p in model.parameters()) / teacher_parameters,
                 "state_bytes_per_layer": mixer_module.allocate_state(1).nbytes(),
                 "cache_bytes_at_decode_context": decode["state_bytes"],
                 "decode_tokens_per_s": decode["decode_tokens_per_s"],

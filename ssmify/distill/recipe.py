@@ -103,6 +103,8 @@ CONVERT_OPTIONS = (
     "init",
     "attention_heads",
     "keep_heads",
+    "mixer_width",
+    "gate",
 )
 
 
@@ -118,6 +120,8 @@ class StudentConfig(StrictModel):
     init: Literal["seeded", "random"] | None = None
     attention_heads: str | None = None  # a head-level plan, as `convert --attention-heads 3:0,7:2`
     keep_heads: float | None = Field(None, gt=0)  # as `convert --keep-heads`: a count, or a fraction below 1
+    mixer_width: Literal["full", "kv"] | None = None  # None: convert's default, full
+    gate: Literal["z", "mean", "none"] | None = None  # None: convert's default, z (mean/none: mamba2 only)
 
     @model_validator(mode="after")
     def _path_or_convert_options(self) -> StudentConfig:
@@ -128,6 +132,8 @@ class StudentConfig(StrictModel):
             )
         if self.keep_attention is not None and self.attention_layers is not None:
             raise ValueError("give either keep_attention or attention_layers, not both")
+        if self.gate not in (None, "z") and self.mixer not in (None, "mamba2"):
+            raise ValueError(f"gate {self.gate} is mamba2's alone; {self.mixer} takes gate z")
         return self
 
     def convert_kwargs(self) -> dict[str, Any]:
