@@ -12,8 +12,9 @@ llama.cpp (`--engines llama.cpp`): batch 1, each model converted by llama.cpp's 
 GGUF (with an f32 KV cache) and to Q8_0 (with llama.cpp's default f16 KV cache); time to first token (the
 prompt's evaluation and the first greedy sample) and decode tokens/s, and the context's state size in
 bytes after the longest prompt (llama_state_get_size: KV cache, recurrent states and logits). llama.cpp's
-Mamba-2 layer has no in_proj/out_proj bias, so both students here are random-mixer conversions with those
-biases removed; the hybrid keeps the --hybrid student's attention layers (its weights do not matter to speed).
+Mamba-2 layer has no in_proj/out_proj bias, so both students here are random-mixer conversions with the
+bias-free gate (`--gate mean`); the hybrid keeps the --hybrid student's attention layers (its weights do not
+matter to speed).
 
     python scripts/bench/serve.py --quick      # 128-token prompts, 16 new tokens, batch 1 and 16
     python scripts/bench/serve.py --engines vllm llama.cpp --hybrid runs/demo/student   # 512 to 8k prompts
@@ -30,10 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ssmify.assets import smollm2_teacher_dir
-from ssmify.convert import convert, mixer_layers
+from ssmify.convert import convert
 from ssmify.export import export
 from ssmify.export.engines.envs import LLAMACPP, VLLM, converter_dir
 
@@ -56,16 +55,14 @@ def exported_students(teacher: Path, hybrid: Path | None, out: Path) -> dict[str
     return students
 
 
-@torch.no_grad()
 def bias_free_student(teacher: Path, attention_layers: list[int], out: Path) -> Path:
-    """A random-mixer conversion without in_proj/out_proj biases, exported `--to llama.cpp` into `out`."""
+    """A random-mixer conversion with the bias-free gate (`--gate mean`), exported `--to llama.cpp` into `out`."""
     if not out.is_dir():
-        student = convert(str(teacher), attention_layers=attention_layers, init="random")
-        for mixer in mixer_layers(student).values():
-            mixer.in_proj.bias = None
-            mixer.out_proj.bias = None
-        student.config.ssmify["mixer_config"]["bias"] = False
-        export(student, "llama.cpp", out)
+        export(
+            convert(str(teacher), attention_layers=attention_layers, init="random", gate="mean"),
+            "llama.cpp",
+            out,
+        )
     return out
 
 
