@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ssmify.convert.adapters import AttentionWeights, FamilyAdapter, get_adapter
 from ssmify.convert.seed import mixer_settings
-from ssmify.convert.student import MixerAttention, mixer_cache_layer, padding_mask
+from ssmify.convert.student import MixerAttention, MixerCacheLayer, mixer_cache_layer
 from ssmify.errors import SsmifyError
 from ssmify.mixers import build_mixer
 from ssmify.mixers.state import MixerState
@@ -210,23 +210,11 @@ class MixedAttention(MixerAttention):
         order = torch.tensor(self.head_order, device=heads.device)
         return self.o_proj(heads.index_select(-2, order).flatten(-2)), None
 
-    def _mix(self, hidden_states: torch.Tensor, cache: Cache | None, attention_mask: Any) -> torch.Tensor:
-        length = hidden_states.shape[1]
-        if cache is None:
-            return self.mixer(hidden_states, mask=padding_mask(attention_mask, length))
-        slot = (
-            mixed_cache_layer(cache, self.layer_idx)
-            if self.attention is not None
-            else mixer_cache_layer(cache, self.layer_idx)
-        )
-        if slot.state is None:
-            slot.state = self.mixer.allocate_state(hidden_states.shape[0], hidden_states.device)
-        if slot.seen_tokens > 0 and length == 1:
-            out = self.mixer.step(hidden_states, slot.state)
-        else:
-            out = self.mixer(hidden_states, slot.state, mask=padding_mask(attention_mask, length))
-        slot.seen_tokens += length
-        return out
+    def _slot(self, cache: Cache) -> MixedCacheLayer | MixerCacheLayer:
+        """A mixed cache slot (kept K/V and mixer state) when this layer keeps attention, else a mixer's."""
+        if self.attention is not None:
+            return mixed_cache_layer(cache, self.layer_idx)
+        return mixer_cache_layer(cache, self.layer_idx)
 
 
 def check_head_family(adapter: FamilyAdapter, attention: nn.Module, family: str) -> None:

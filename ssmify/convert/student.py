@@ -128,21 +128,27 @@ class MixerAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         cache = kwargs.get("cache", kwargs.get("layer_past"))  # gpt_neox names it layer_past
-        if cache is None:
-            return self.mixer(
-                hidden_states, mask=padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
-            ), None
-        slot = mixer_cache_layer(cache, self.layer_idx)
+        return self._mix(hidden_states, cache, kwargs.get("attention_mask")), None
+
+    def _slot(self, cache: Cache) -> MixerCacheLayer:
+        """The cache slot that holds this layer's mixer state."""
+        return mixer_cache_layer(cache, self.layer_idx)
+
+    def _mix(self, hidden_states: torch.Tensor, cache: Cache | None, attention_mask: Any) -> torch.Tensor:
+        """The mixer over `hidden_states`: a whole pass without a cache; with one, a prefill from the
+        slot's state, or a single `step` once the slot has seen tokens."""
         length = hidden_states.shape[1]
+        if cache is None:
+            return self.mixer(hidden_states, mask=padding_mask(attention_mask, length))
+        slot = self._slot(cache)
         if slot.state is None:
             slot.state = self.mixer.allocate_state(hidden_states.shape[0], hidden_states.device)
         if slot.seen_tokens > 0 and length == 1:
             out = self.mixer.step(hidden_states, slot.state)
         else:
-            mask = padding_mask(kwargs.get("attention_mask"), length)
-            out = self.mixer(hidden_states, slot.state, mask=mask)
+            out = self.mixer(hidden_states, slot.state, mask=padding_mask(attention_mask, length))
         slot.seen_tokens += length
-        return out, None
+        return out
 
 
 def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
