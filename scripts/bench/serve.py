@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-types", nargs="+", default=list(GGUF_TYPES), choices=list(GGUF_TYPES))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="llama.cpp threads")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds (vLLM) or runs (llama.cpp); each figure is the fastest")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds (vLLM) or runs (llama.cpp); each figure is the fastest"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quick:

@@ -73,7 +73,9 @@ def main(request_path: str, result_path: str) -> None:
             ]
             new = request["new_tokens"]
             params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, detokenize=False)
-            timing = min((timed(llm, prompts, params) for _ in range(request["repeats"])), key=lambda t: t["total_s"])
+            timing = min(
+                (timed(llm, prompts, params) for _ in range(request["repeats"])), key=lambda t: t["total_s"]
+            )
             rows.append(
                 {
                     "batch": batch,
