@@ -352,7 +352,7 @@ def test_serve_times_the_teacher_and_its_exported_pure_ssm_in_vllm(tmp_path: Pat
     )
     result = subprocess.run(
         [sys.executable, str(BENCH / "serve.py"), "--quick", "--teacher", str(tmp_path / "teacher")]
-        + ["--out", str(tmp_path / "out"), "--batches", "1", "2"],
+        + ["--out", str(tmp_path / "out"), "--batches", "1", "2", "--repeats", "1"],
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,

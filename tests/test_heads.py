@@ -266,6 +266,44 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
     assert run_recipe(recipe, resume=True) == summaries
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_lora_trains_a_head_level_students_mixer_heads_and_merges_into_a_folder_that_keeps_the_plan(tmp_path):
+    from safetensors.torch import load_file
+    from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+
+    from ssmify.distill.recipe import parse_recipe
+    from ssmify.distill.run import run_recipe
+
+    write_teacher(tmp_path / "teacher")
+    convert_student(
+        tmp_path / "teacher", tmp_path / "student", keep_attention=None, attention_heads="0:1,2:0"
+    )
+    write_corpus(tmp_path / "train.txt", 30, seed=0)
+    write_corpus(tmp_path / "held.txt", 4, seed=1)
+    lora = {"lora": {"r": 4, "alpha": 8, "target_modules": ["in_proj", "out_proj"]}}
+    stages = [stage("hidden", tokens=256, lr=1e-2, trainable=lora), stage("logits", tokens=256, lr=1e-2)]
+    run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run"))))
+
+    start, merged = (
+        load_file(tmp_path / "student" / "model.safetensors"),
+        load_file(tmp_path / "run" / "1-hidden" / "model.safetensors"),
+    )
+    assert start.keys() == merged.keys()  # merged: no adapter weights left in the folder's model
+    for layer in (0, 1, 2):  # mixed layers 0 and 2, a whole mixer layer 1: every mixer's Linears trained
+        assert (
+            merged[f"model.layers.{layer}.self_attn.mixer.in_proj.weight"]
+            - start[f"model.layers.{layer}.self_attn.mixer.in_proj.weight"]
+        ).abs().max() > 1e-6
+    for kept in (
+        "model.layers.0.self_attn.attention.k_proj.weight",
+        "model.layers.2.self_attn.o_proj.weight",
+    ):
+        assert torch.equal(start[kept], merged[kept])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "2-logits")
+    assert loaded.config.ssmify["attention_heads"] == {"0": [1], "2": [0]}
+    assert isinstance(loaded.model.layers[2].self_attn, MixedAttention)
+
+
 def test_speed_state_grows_only_by_the_kept_kv_heads(head_student, teacher):
     from test_distill_support import char_tokenizer
 
