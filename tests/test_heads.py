@@ -15,7 +15,7 @@ import ssmify
 from ssmify.convert.adapters import get_adapter
 from ssmify.convert.build import seeded_student
 from ssmify.convert.head_plan import HeadPlan, budget_count, head_count
-from ssmify.convert.head_scores import induction_head_scores
+from ssmify.convert.head_scores import induction_head_scores, previous_token_scores, unkept_feeders
 from ssmify.convert.mixed_layer import MixedAttention, MixedCacheLayer, make_mixed_attention, subset_weights
 from ssmify.convert.plan import LayerPlan
 from ssmify.errors import SsmifyError
@@ -175,6 +175,29 @@ def test_induction_score_finds_the_induction_head():
     assert scores.shape == (4, 3)
     assert divmod(int(scores.argmax()), 3) == (1, 0)  # layer 1, head 0 is the hand-set induction head
     assert scores[1, 0] > 0.5 and scores[2:].max() < 0.5
+
+
+def test_previous_token_score_finds_the_head_that_feeds_the_induction_head():
+    model = copying_teacher()
+    previous = previous_token_scores(model, length=48, sequences=2)
+    induction = induction_head_scores(model, length=48, sequences=2)
+    assert divmod(int(previous.argmax()), 3) == (0, 0)  # layer 0, head 0 is the hand-set previous-token head
+    assert previous[0, 0] > 0.5 and previous[1:].max() < 0.5
+    only_induction = HeadPlan(4, 3, ((1, 0),))
+    assert [(layer, group) for layer, group, _ in unkept_feeders(only_induction, induction, previous)] == [
+        (0, 0)
+    ]
+    assert unkept_feeders(HeadPlan(4, 3, ((0, 0), (1, 0))), induction, previous) == []
+
+
+def test_convert_warns_when_a_plan_drops_the_previous_token_head_and_reports_its_score(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ssmify.convert.convert"):
+        ssmify.convert(copying_teacher(), out=tmp_path / "s", attention_heads="1:0")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("converts the previous-token heads below them (0:0 " in w for w in warnings)
+    report = json.loads((tmp_path / "s" / "convert_report.json").read_text())
+    assert torch.tensor(report["previous_token_scores"]).shape == (4, 3)
+    assert report["previous_token_scores"][0][0] > 0.5
 
 
 def test_convert_keep_heads_keeps_the_best_scoring_groups_and_reports_scores(teacher, tmp_path):

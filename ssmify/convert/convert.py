@@ -145,11 +145,19 @@ def convert(
         metrics = CHOICE_METRICS[layer_choice]
         scores = cached_layer_scores(model, ids, metrics, tokenizer, mixer, seed, teacher_dir)
         plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
-    head_scores = None
+    head_scores = previous_scores = None
     if heads is not None:
-        from ssmify.convert.head_scores import choose_heads
+        from ssmify.convert.head_scores import choose_heads, unkept_feeders
 
-        plan, head_scores = choose_heads(model, heads)
+        plan, head_scores, previous_scores = choose_heads(model, heads)
+        feeders = unkept_feeders(plan, head_scores, previous_scores)
+        if feeders:
+            log.warning(
+                "the plan keeps induction heads but converts the previous-token heads below them (%s): "
+                "an induction head reads keys those heads write, so retrieval is likely lost; keep them "
+                "with --attention-heads (convert_report.json: previous_token_scores)",
+                ", ".join(f"{layer}:{group} {mass:.2f}" for layer, group, mass in feeders),
+            )
     log.info("plan: %s", plan.describe())
 
     gate_report: dict[int, dict] = {}
@@ -176,7 +184,11 @@ def convert(
         "layer_choice": layer_choice,
         "layer_scores": scores,
         "converted_layers": list(plan.converted),
-        **(_head_report(plan, head_scores, context, kv_dtype) if isinstance(plan, HeadPlan) else {}),
+        **(
+            _head_report(plan, head_scores, previous_scores, context, kv_dtype)
+            if isinstance(plan, HeadPlan)
+            else {}
+        ),
         "calibration_tokens": int(calibration.numel()),
         "eval_tokens": int(held_out.numel()),
         "teacher_perplexity": perplexity(model, held_out),
@@ -213,8 +225,11 @@ def convert(
     return student
 
 
-def _head_report(plan: HeadPlan, scores: torch.Tensor, context: int, dtype: torch.dtype) -> dict:
-    """What a head plan adds to convert_report.json: the kept KV groups and every group's score."""
+def _head_report(
+    plan: HeadPlan, scores: torch.Tensor, previous: torch.Tensor, context: int, dtype: torch.dtype
+) -> dict:
+    """What a head plan adds to convert_report.json: the kept KV groups, every group's score and its
+    previous-token mass (`head_scores.previous_token_scores`)."""
     from ssmify.convert.head_scores import HEAD_SCORE
 
     return {
@@ -224,6 +239,7 @@ def _head_report(plan: HeadPlan, scores: torch.Tensor, context: int, dtype: torc
         "kv_heads_total": plan.total,
         "head_score": HEAD_SCORE,
         "head_scores": scores.tolist(),
+        "previous_token_scores": previous.tolist(),
         "kv_cache_context": context,
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
     }

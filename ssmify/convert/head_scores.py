@@ -28,7 +28,6 @@ INDUCTION_LENGTH = 128  # tokens in each copy
 INDUCTION_SEQUENCES = 4
 
 
-@torch.no_grad()
 def induction_head_scores(
     model: PreTrainedModel,
     length: int = INDUCTION_LENGTH,
@@ -36,6 +35,29 @@ def induction_head_scores(
     seed: int = 0,
 ) -> torch.Tensor:
     """(num_layers, num_kv_heads): each KV group's induction copy mass (module docstring), in [0, 1]."""
+    return _group_mass(model, length, sequences, seed, offset=length - 1)
+
+
+def previous_token_scores(
+    model: PreTrainedModel,
+    length: int = INDUCTION_LENGTH,
+    sequences: int = INDUCTION_SEQUENCES,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(num_layers, num_kv_heads): each KV group's previous-token mass, the attention on position t - 1 in
+    the same repeated random sequences, in [0, 1].
+
+    Not a plan score, a check of one: an induction head matches its query against keys that carry the
+    previous token, which previous-token heads in earlier layers write. On SmolLM2-135M those (16:0 0.89,
+    11:0 0.85, ...) score near zero on induction mass, so a plan of induction heads alone converts them,
+    and its student kept no retrieval (docs/benchmarks.md section 13)."""
+    return _group_mass(model, length, sequences, seed, offset=1)
+
+
+@torch.no_grad()
+def _group_mass(model: PreTrainedModel, length: int, sequences: int, seed: int, offset: int) -> torch.Tensor:
+    """(num_layers, num_kv_heads): the attention each query position t of the second copy puts on t - offset,
+    averaged over positions and sequences; a KV group takes its best query head."""
     _, heads, kv_heads, _ = get_adapter(model.config.model_type).dims(model.config)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -44,16 +66,36 @@ def induction_head_scores(
     layers = range(model.config.num_hidden_layers)
     probes = teacher_attention(model, ids, layers)
     t = torch.arange(length, 2 * length, device=model.device)  # query positions in the second copy
-    target = t - length + 1  # the token after the previous occurrence of the token at t
     scores = torch.empty(len(layers), kv_heads)
     for i in layers:
-        mass = probes[i].probs[:, :, t, target].float().mean(dim=(0, 2))  # (heads,)
+        mass = probes[i].probs[:, :, t, t - offset].float().mean(dim=(0, 2))  # (heads,)
         scores[i] = mass.view(kv_heads, heads // kv_heads).amax(-1).cpu()
     return scores
 
 
-def choose_heads(model: PreTrainedModel, wanted: HeadPlan | int) -> tuple[HeadPlan, torch.Tensor]:
-    """The plan (`wanted` itself, or the `wanted` best-scoring KV groups) and every KV group's score."""
+def unkept_feeders(
+    plan: HeadPlan, induction: torch.Tensor, previous: torch.Tensor, reader: float = 0.25, feeder: float = 0.5
+) -> list[tuple[int, int, float]]:
+    """The KV groups with previous-token mass >= `feeder` that the plan converts, in the layers below its
+    deepest kept induction head (induction mass >= `reader`): [(layer, group, mass)], strongest first."""
+    readers = [layer for layer, group in plan.kept if induction[layer, group] >= reader]
+    if not readers:
+        return []
+    kept = set(plan.kept)
+    found = [
+        (layer, group, float(previous[layer, group]))
+        for layer in range(max(readers))
+        for group in range(previous.shape[1])
+        if previous[layer, group] >= feeder and (layer, group) not in kept
+    ]
+    return sorted(found, key=lambda item: -item[2])
+
+
+def choose_heads(
+    model: PreTrainedModel, wanted: HeadPlan | int
+) -> tuple[HeadPlan, torch.Tensor, torch.Tensor]:
+    """The plan (`wanted` itself, or the `wanted` best-scoring KV groups), every KV group's induction score
+    and its previous-token score."""
     scores = induction_head_scores(model)
     plan = wanted if isinstance(wanted, HeadPlan) else HeadPlan.top(scores, wanted)
-    return plan, scores
+    return plan, scores, previous_token_scores(model)
