@@ -304,7 +304,7 @@ def test_lora_trains_a_head_level_students_mixer_heads_and_merges_into_a_folder_
     write_corpus(tmp_path / "train.txt", 30, seed=0)
     write_corpus(tmp_path / "held.txt", 4, seed=1)
     lora = {"lora": {"r": 4, "alpha": 8, "target_modules": ["in_proj", "out_proj"]}}
-    stages = [stage("hidden", tokens=256, lr=1e-2, trainable=lora), stage("logits", tokens=256, lr=1e-2)]
+    stages = [stage("hidden", tokens=256, lr=1e-2, trainable=lora)]
     run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run"))))
 
     start, merged = (
@@ -322,7 +322,7 @@ def test_lora_trains_a_head_level_students_mixer_heads_and_merges_into_a_folder_
         "model.layers.2.self_attn.o_proj.weight",
     ):
         assert torch.equal(start[kept], merged[kept])
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "2-logits")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "1-hidden")
     assert loaded.config.ssmify["attention_heads"] == {"0": [1], "2": [0]}
     assert isinstance(loaded.model.layers[2].self_attn, MixedAttention)
 
