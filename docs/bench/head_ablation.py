@@ -1,7 +1,7 @@
 """Ablation of single KV groups in the SmolLM2 teacher: convert only the named groups to seeded mixers, keep
 every other head's attention, and score induction and passkey at 1k and 2k (4 samples each).
 
-The script that produced head_ablation.txt (docs/benchmarks.md section 13), kept as it ran:
+The script that produced head_ablation.txt (docs/benchmarks.md section 13), tidied after the run (same cases, same calls):
     OMP_NUM_THREADS=1 .venv/bin/python docs/bench/head_ablation.py
 """
 
