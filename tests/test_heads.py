@@ -249,26 +249,33 @@ def test_bad_head_budgets_get_one_line_errors(teacher):
         ssmify.convert(tiny_model("gpt2"), keep_heads=2)
 
 
+def _head_level_recipe(tmp_path, heads: str, stages: list[dict]):
+    """A tiny teacher, its student converted with `--attention-heads heads`, a corpus, and the parsed recipe
+    of `stages` writing to tmp_path / "run"."""
+    from test_distill_support import convert_student, recipe_dict, write_corpus, write_teacher
+
+    from ssmify.distill.recipe import parse_recipe
+
+    write_teacher(tmp_path / "teacher")
+    convert_student(tmp_path / "teacher", tmp_path / "student", keep_attention=None, attention_heads=heads)
+    write_corpus(tmp_path / "train.txt", 30, seed=0)
+    write_corpus(tmp_path / "held.txt", 4, seed=1)
+    return parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run")))
+
+
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp_path):
     from safetensors.torch import load_file
-    from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+    from test_distill_support import stage
 
-    from ssmify.distill.recipe import parse_recipe
     from ssmify.distill.run import run_recipe
 
-    write_teacher(tmp_path / "teacher")
-    convert_student(
-        tmp_path / "teacher", tmp_path / "student", keep_attention=None, attention_heads="0:1,2:0,2:1"
-    )
-    write_corpus(tmp_path / "train.txt", 30, seed=0)
-    write_corpus(tmp_path / "held.txt", 4, seed=1)
     stages = [
         stage("matrix", seq_len=16, tokens=256),
         stage("hidden", tokens=256),
         stage("logits", tokens=256),
     ]
-    recipe = parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run")))
+    recipe = _head_level_recipe(tmp_path, "0:1,2:0,2:1", stages)
     summaries = run_recipe(recipe)
 
     start, end = (
@@ -292,20 +299,14 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_lora_trains_a_head_level_students_mixer_heads_and_merges_into_a_folder_that_keeps_the_plan(tmp_path):
     from safetensors.torch import load_file
-    from test_distill_support import convert_student, recipe_dict, stage, write_corpus, write_teacher
+    from test_distill_support import stage
 
-    from ssmify.distill.recipe import parse_recipe
     from ssmify.distill.run import run_recipe
 
-    write_teacher(tmp_path / "teacher")
-    convert_student(
-        tmp_path / "teacher", tmp_path / "student", keep_attention=None, attention_heads="0:1,2:0"
-    )
-    write_corpus(tmp_path / "train.txt", 30, seed=0)
-    write_corpus(tmp_path / "held.txt", 4, seed=1)
     lora = {"lora": {"r": 4, "alpha": 8, "target_modules": ["in_proj", "out_proj"]}}
-    stages = [stage("hidden", tokens=256, lr=1e-2, trainable=lora)]
-    run_recipe(parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run"))))
+    run_recipe(
+        _head_level_recipe(tmp_path, "0:1,2:0", [stage("hidden", tokens=256, lr=1e-2, trainable=lora)])
+    )
 
     start, merged = (
         load_file(tmp_path / "student" / "model.safetensors"),
