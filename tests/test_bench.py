@@ -216,7 +216,7 @@ def test_prefill_memory_measures_teacher_and_pure_ssm_in_fresh_processes(workspa
     report = workspace / "prefill_memory.json"
     stdout = run_script("prefill_memory.py", "--teacher", str(workspace / "teacher"), "--json", str(report))
     points = json.loads(report.read_text())
-    assert [p["length"] for p in points] == [64, 160]
+    assert [p["length"] for p in points] == [160]
     for point in points:
         for name in ("teacher", "ssm", "ssm_whole"):
             assert point[name]["peak_bytes"] > 0 and point[name]["prefill_s"] > 0
@@ -232,10 +232,14 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
         "retrieval.py",
         *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
         *("--heldout", str(workspace / "held.txt"), "--out", str(out), "--plans", "0.5", "--heads", "3"),
+        *("--head-plans", "3:1,1:0"),
     )
     results = json.loads((out / "results.json").read_text())
-    heads_name, name = results["runs"]
-    run, heads = results["runs"][name], results["runs"][heads_name]
+    heads_name, hand_name, name = results["runs"]
+    run, heads, hand = results["runs"][name], results["runs"][heads_name], results["runs"][hand_name]
+    assert hand_name.startswith("heads2/hand-") and hand["choice"] == "by hand"
+    assert sorted(hand["attention_heads"]) == [[1, 0], [3, 1]] and hand["kv_heads"] == 2
+    assert math.isfinite(hand["perplexity"]) and "[[1, 0], [3, 1]]" in stdout
     assert name == "50pct/retrieval/synthetic50/seed0" and run["choice"] == "retrieval"
     assert len(run["attention_layers"]) == 2 and run["synthetic"] == 0.5
     assert run["kv_heads"] == 4  # 2 layers x 2 KV heads

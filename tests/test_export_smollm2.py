@@ -1,5 +1,6 @@
 """The real SmolLM2-135M student exported: half of its attention layers kept, to Bamba and loaded without ssmify;
-no attention at all, to every target, exact in float64."""
+no attention at all, to the other two targets, exact in float64 (every target is held to the same on tiny
+students in test_export_parity)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_smollm2_student_at_half_attention_exports_to_bamba_with_the_students_ou
 
 
 @pytest.mark.slow
-def test_pure_ssm_smollm2_student_exports_to_every_target_exactly_in_float64(tmp_path):
+def test_pure_ssm_smollm2_student_exports_to_granite_and_falcon_h1_exactly_in_float64(tmp_path):
     """An untrained pure SSM: its residual stream reaches 1e4, so float32 rounding alone moves its logits
     by more than the old absolute fp32 limit (1e-4), and only the float64 comparison can call it exact."""
     calibration = tmp_path / "calibration.txt"
@@ -47,7 +48,7 @@ def test_pure_ssm_smollm2_student_exports_to_every_target_exactly_in_float64(tmp
         hidden = student(torch.arange(100, 164)[None], output_hidden_states=True).hidden_states
     assert max(h.abs().max().item() for h in hidden[:-1]) >= 1e4
     assert exportable_targets(student) == list(TARGETS)
-    for target in TARGETS:
+    for target in ("granitemoehybrid", "falcon_h1"):
         folder = export(student, target, tmp_path / target)
         parity = json.loads((folder / "export_report.json").read_text())["parity"]
         assert parity["float64"]["forward"] <= 1e-9 * parity["logit_scale"]

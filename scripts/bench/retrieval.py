@@ -15,6 +15,8 @@ heads (model-wide) with the most induction copy mass and makes every other head 
 (`ssmify.convert.mixed_layer`); same recipe, tokens and scoring. For a comparison at equal KV-cache
 bytes, give a layer plan with the same number of KV heads: 3 of SmolLM2-135M's 30 layers (--plans 0.1)
 hold 9 KV heads, as --heads 9. The table adds the KV-cache MiB at 2k and 8k tokens (float32, one sequence).
+--head-plans takes hand-chosen plans in `convert --attention-heads` syntax (LAYER:GROUP,...), for example
+the heads that feed the induction heads beside the induction heads themselves.
 
 Results go to OUT/results.json after every student, so a killed run continues where it stopped.
 Student folders are deleted once scored, unless --keep-students.
@@ -22,6 +24,7 @@ Student folders are deleted once scored, unless --keep-students.
     python scripts/bench/retrieval.py                                  # SmolLM2-135M, the full grid
     python scripts/bench/retrieval.py --plans 0.5 --choices even retrieval --synthetic 0
     python scripts/bench/retrieval.py --plans 0.1 --choices retrieval --synthetic 0 --heads 9   # equal KV bytes
+    python scripts/bench/retrieval.py --plans --choices retrieval --head-plans 16:0,11:0,18:2   # by hand
     python scripts/bench/retrieval.py --quick --teacher DIR --train T.txt --heldout H.txt --recipe R.yaml
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +53,11 @@ def run_name(keep: float, choice: str, synthetic: float, seed: int) -> str:
 
 def head_run_name(heads: int, synthetic: float, seed: int) -> str:
     return f"heads{heads}/induction/synthetic{round(synthetic * 100)}/seed{seed}"
+
+
+def hand_run_name(heads: str, synthetic: float, seed: int) -> str:
+    tag = hashlib.sha1(heads.encode()).hexdigest()[:6]  # the heads themselves are printed beside the row
+    return f"heads{len(heads.split(','))}/hand-{tag}/synthetic{round(synthetic * 100)}/seed{seed}"
 
 
 def kv_mib(kv_heads: int, head_dim: int, tokens: int) -> float:
@@ -135,7 +144,7 @@ def main() -> None:
     parser.add_argument(
         "--recipe", type=Path, default=DEMO_RECIPE, help="stages to train (default: the demo's)"
     )
-    parser.add_argument("--plans", type=float, nargs="+", default=[0.5, 0.25], help="keep_attention values")
+    parser.add_argument("--plans", type=float, nargs="*", default=[0.5, 0.25], help="keep_attention values")
     parser.add_argument(
         "--choices", nargs="+", default=["even", "sensitive", "retrieval", "auto"], choices=CHOICES
     )
@@ -149,6 +158,12 @@ def main() -> None:
         nargs="*",
         default=[],
         help="head-level runs: KV heads kept (convert --keep-heads)",
+    )
+    parser.add_argument(
+        "--head-plans",
+        nargs="*",
+        default=[],
+        help="head-level runs with hand-chosen KV heads (convert --attention-heads LAYER:GROUP,...)",
     )
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=[1024, 2048], help="retrieval context lengths"
@@ -221,6 +236,12 @@ def main() -> None:
         for seed in args.seeds
     ]
     jobs += [
+        (hand_run_name(heads, fraction, seed), {"attention_heads": heads}, fraction, seed)
+        for heads in args.head_plans
+        for fraction in args.synthetic
+        for seed in args.seeds
+    ]
+    jobs += [
         (
             run_name(keep, choice, fraction, seed),
             {"keep_attention": keep, "layer_choice": choice},
@@ -264,7 +285,7 @@ def main() -> None:
         scores = retrieval_scores(model, tokenizer, options)
         results["runs"][name] = {
             "plan": plan.get("keep_attention"),
-            "choice": plan.get("layer_choice", "induction heads"),
+            "choice": plan.get("layer_choice", "by hand" if "attention_heads" in plan else "induction heads"),
             "synthetic": fraction,
             "seed": seed,
             "attention_layers": layers,
