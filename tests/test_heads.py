@@ -219,12 +219,21 @@ def test_convert_keep_heads_keeps_the_best_scoring_groups_and_reports_scores(tea
         ("1:2", r"KV group 2 of layer 1 out of range; each layer has KV groups 0\.\.1"),
         ("1:0,1:0", r"1:0 given more than once"),
         ("1-0", r"'1-0' is not LAYER:KV_GROUP"),
+        ("1:some", r"'1:some' is not LAYER:KV_GROUP or LAYER:all"),
+        ("1:all,1:1", r"1:1 given more than once"),
+        ("7:all", r"layer 7 out of range"),
     ],
 )
 def test_bad_attention_heads_get_one_line_errors(text, message):
     with pytest.raises(SsmifyError, match=message) as err:
         HeadPlan.parse(4, 2, text)
     assert "\n" not in str(err.value)
+
+
+def test_layer_all_keeps_every_kv_group_of_that_layer_as_a_whole_attention_layer():
+    plan = HeadPlan.parse(4, 2, "3:all, 1:0")
+    assert plan.kept == ((1, 0), (3, 0), (3, 1))
+    assert plan.attention_layers == (3,)
 
 
 def test_bad_head_budgets_get_one_line_errors(teacher):
@@ -391,6 +400,20 @@ def test_a_recipe_converts_a_head_level_student_with_keep_heads(tmp_path):
     block = AutoModelForCausalLM.from_pretrained(folder).config.ssmify
     kept = 2 * len(block["attention_layers"]) + sum(len(g) for g in block.get("attention_heads", {}).values())
     assert kept == 3
+
+
+def test_a_recipe_states_a_kv_budget_at_a_context_and_context_alone_is_refused(tmp_path):
+    from test_distill_support import recipe_dict, stage
+
+    from ssmify.distill.recipe import parse_recipe
+
+    raw = recipe_dict(tmp_path, [stage("logits", tokens=128)], output_dir=str(tmp_path / "run"))
+    raw["student"] = {"kv_budget_mib": 1.5, "context": 8192}
+    assert parse_recipe(raw).student.convert_kwargs() == {"kv_budget_mib": 1.5, "context": 8192}
+    raw["student"] = {"keep_heads": 3, "context": 8192}
+    with pytest.raises(SsmifyError, match=r"student.*give kv_budget_mib too") as err:
+        parse_recipe(raw)
+    assert "\n" not in str(err.value)
 
 
 def test_alignment_eval_scores_a_mixed_layer_against_its_own_heads(head_student, teacher):

@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     plan.add_argument(
         "--attention-heads",
-        help="KV groups that keep attention, as layer:kv_group, e.g. 3:0,7:2 (a head-level hybrid)",
+        help="KV groups that keep attention, as layer:kv_group, e.g. 3:0,7:2,9:all (a head-level hybrid; "
+        "LAYER:all keeps the whole layer)",
     )
     plan.add_argument(
         "--keep-heads",

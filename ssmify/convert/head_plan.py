@@ -43,20 +43,23 @@ class HeadPlan:
 
     @classmethod
     def parse(cls, num_layers: int, num_kv_heads: int, text: str) -> HeadPlan:
-        """From "3:0,7:2" (layer:kv_group, comma-separated)."""
+        """From "3:0,7:2" (layer:kv_group, comma-separated); "5:all" keeps every KV group of layer 5."""
         kept = []
         for item in (part.strip() for part in text.split(",")):
             if not item:
                 continue
             layer, sep, group = item.partition(":")
             try:
-                kept.append((int(layer), int(group)))
+                groups = range(num_kv_heads) if group.strip() == "all" else [int(group)]
+                kept += [(int(layer), g) for g in groups]
             except ValueError:
                 raise SsmifyError(
-                    f"--attention-heads: {item!r} is not LAYER:KV_GROUP (e.g. 3:0,7:2)"
+                    f"--attention-heads: {item!r} is not LAYER:KV_GROUP or LAYER:all (e.g. 3:0,7:2,9:all)"
                 ) from None
             if not sep:
-                raise SsmifyError(f"--attention-heads: {item!r} is not LAYER:KV_GROUP (e.g. 3:0,7:2)")
+                raise SsmifyError(
+                    f"--attention-heads: {item!r} is not LAYER:KV_GROUP or LAYER:all (e.g. 3:0,7:2,9:all)"
+                )
         return cls(num_layers, num_kv_heads, tuple(kept))
 
     @classmethod
