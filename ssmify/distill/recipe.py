@@ -122,8 +122,12 @@ class StudentConfig(StrictModel):
     init: Literal["seeded", "random"] | None = None
     attention_heads: str | None = None  # a head-level plan, as `convert --attention-heads 3:0,7:2`
     keep_heads: float | None = Field(None, gt=0)  # as `convert --keep-heads`: a count, or a fraction below 1
-    kv_budget_mib: float | None = Field(None, gt=0)  # as `convert --kv-budget-mib`: KV heads that fit, at context
-    context: int | None = Field(None, ge=1)  # tokens at which kv_budget_mib is counted (convert's default 2048)
+    kv_budget_mib: float | None = Field(
+        None, gt=0
+    )  # as `convert --kv-budget-mib`: KV heads that fit, at context
+    context: int | None = Field(
+        None, ge=1
+    )  # tokens at which kv_budget_mib is counted (convert's default 2048)
     mixer_width: Literal["full", "kv"] | None = None  # None: convert's default, full
     gate: Literal["z", "mean", "none"] | None = None  # None: convert's default, z (mean/none: mamba2 only)
 
@@ -137,7 +141,9 @@ class StudentConfig(StrictModel):
         if self.keep_attention is not None and self.attention_layers is not None:
             raise ValueError("give either keep_attention or attention_layers, not both")
         if self.context is not None and self.kv_budget_mib is None:
-            raise ValueError("context is the length at which kv_budget_mib is counted: give kv_budget_mib too")
+            raise ValueError(
+                "context is the length at which kv_budget_mib is counted: give kv_budget_mib too"
+            )
         if self.gate not in (None, "z") and self.mixer not in (None, "mamba2"):
             raise ValueError(f"gate {self.gate} is mamba2's alone; {self.mixer} takes gate z")
         return self
