@@ -26,6 +26,11 @@ baseline on CPU; the pure SSM's speedup over it is printed too.
 
     python scripts/bench/decode.py --batches 1 16 --lengths 512 2048 4096 8192   # decode steps by batch
 
+--plan NAME=HEADS adds a student converted with `--attention-heads HEADS` (LAYER:GROUP,..., LAYER:all for
+a whole layer), measured beside the others, with its decode speedup and state over the teacher's:
+
+    python scripts/bench/decode.py --lengths 8192 --plan heads9=18:2,17:1,23:0 layers3=16:all,17:all,18:all
+
 --batches measures the decode step itself at several batch sizes, the four models (teacher with its
 default DynamicCache, teacher with a StaticCache, pure SSM, hybrid) interleaved at each context: one
 prefill per model and context through `generate(max_new_tokens=1)` (the students' chunked prefill,
@@ -215,7 +220,15 @@ def main() -> None:
         "--batches", type=int, nargs="+", help="decode steps at these batch sizes (see above)"
     )
     parser.add_argument("--max-batch-context", type=int, default=4096, help="longest context for batch > 1")
+    parser.add_argument(
+        "--plan",
+        nargs="+",
+        default=[],
+        metavar="NAME=HEADS",
+        help="also a student with these KV groups kept (convert --attention-heads), e.g. h2=3:0,5:all",
+    )
     args = parser.parse_args()
+    plans = dict(item.split("=", 1) for item in args.plan)
     if args.quick:
         args.lengths, args.decode_tokens = [32, 64], 4
         args.profile = args.profile and 64
@@ -237,6 +250,8 @@ def main() -> None:
         "ssm": convert(teacher, keep_attention=0.0, init="random", tokenizer=tokenizer).eval(),
         "hybrid": convert(teacher, keep_attention=0.5, init="random", tokenizer=tokenizer).eval(),
     }
+    for name, heads in plans.items():
+        models[name] = convert(teacher, attention_heads=heads, init="random", tokenizer=tokenizer).eval()
     if args.static_teacher or args.batches:
         static = copy.copy(teacher)  # the same weights; only its generation config differs
         static.generation_config = copy.deepcopy(teacher.generation_config)
@@ -274,7 +289,7 @@ def main() -> None:
             except (torch.OutOfMemoryError, MemoryError) as err:
                 point[name] = {"skipped": str(err).splitlines()[0] if str(err) else type(err).__name__}
             print(f"  L={length:>6} {name:<7} {json.dumps(point[name])}", flush=True)
-        for name in ("ssm", "hybrid"):
+        for name in ("ssm", "hybrid", *plans):
             ours, theirs = point[name], point["teacher"]
             if "skipped" not in ours and "skipped" not in theirs:
                 point[f"{name}_decode_speedup"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
@@ -310,6 +325,15 @@ def main() -> None:
             f"{cell(p, 'ssm', 'decode_tokens_per_s', '8.2f')} | {cell(p, 'hybrid', 'decode_tokens_per_s', '8.2f')} | "
             f"{p.get('ssm_decode_speedup', float('nan')):>10.2f}x | {p.get('hybrid_decode_speedup', float('nan')):>13.2f}x"
         )
+    if plans:
+        print("\nstudents of --plan: decode tokens/s, speedup and decoding state over the teacher's")
+        for p in points:
+            for name in plans:
+                print(
+                    f"{p['length']:>7} | {name:<12} | {cell(p, name, 'decode_tokens_per_s', '8.2f')} tok/s | "
+                    f"{p.get(f'{name}_decode_speedup', float('nan')):.2f}x | state "
+                    f"{mib(p[name].get('state_bytes'))} MiB, {p.get(f'{name}_state_ratio', float('nan')):.3f}x"
+                )
     if args.static_teacher:
         print("\nteacher with a StaticCache: decode tokens/s, and the pure SSM's speedup over it")
         for p in points:
