@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -273,7 +275,7 @@ def _head_level_recipe(tmp_path, heads: str, stages: list[dict]):
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp_path):
+def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp_path, caplog):
     from safetensors.torch import load_file
     from test_distill_support import stage
 
@@ -282,10 +284,11 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
     stages = [
         stage("matrix", seq_len=16, tokens=256),
         stage("hidden", tokens=256),
-        stage("logits", tokens=256),
+        stage("logits", tokens=384, checkpoint_every=1),
     ]
     recipe = _head_level_recipe(tmp_path, "0:1,2:0,2:1", stages)
     summaries = run_recipe(recipe)
+    finished = load_file(tmp_path / "run" / "3-logits" / "model.safetensors")
 
     start, end = (
         load_file(tmp_path / "student" / "model.safetensors"),
@@ -303,6 +306,19 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
     assert loaded.config.ssmify["attention_heads"] == {"0": [1]}
     assert loaded.config.ssmify["attention_layers"] == [2]
     assert run_recipe(recipe, resume=True) == summaries
+
+    # killed in the logits stage after its checkpoint at step 2 of 3: only the checkpoints are left
+    logits = tmp_path / "run" / "3-logits"
+    for item in logits.iterdir():
+        if item.name != "checkpoints":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    with caplog.at_level(logging.INFO, logger="ssmify.distill.loop"):
+        run_recipe(recipe, resume=True)
+    assert "3-logits: resuming from" in caplog.text and "checkpoints/step-2" in caplog.text
+    resumed = load_file(logits / "model.safetensors")
+    assert resumed.keys() == finished.keys()
+    assert all(torch.equal(resumed[k], finished[k]) for k in finished)
+    assert AutoModelForCausalLM.from_pretrained(logits).config.ssmify["attention_heads"] == {"0": [1]}
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
