@@ -89,6 +89,30 @@ def test_a_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer, m
     assert len(calls) == 4  # the file changed, so the key did
 
 
+def test_a_token_cache_another_process_stores_first_is_kept_and_this_ones_copy_dropped(
+    tmp_path, tokenizer, monkeypatch
+):
+    corpus = write_corpus(tmp_path / "c.txt", 30)
+    cfg = config(tmp_path, train=[str(corpus)], validation_fraction=0.3)
+    reference = load_data(cfg, tokenizer, 16, 0).validation.first(4)
+    (folder,) = (tmp_path / "cache").iterdir()
+    stored = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for item in folder.iterdir():
+        item.unlink()
+    real_replace = data_module.os.replace
+
+    def the_other_process_stores_first(src, dst):
+        folder.mkdir()  # a finished folder appears just before this one's rename
+        for name, content in stored.items():
+            (folder / name).write_bytes(content)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data_module.os, "replace", the_other_process_stores_first)
+    again = load_data(cfg, tokenizer, 16, 0).validation.first(4)
+    assert torch.equal(again, reference)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # no staging folder left
+
+
 def test_jsonl_and_parquet_read_the_configured_field(tmp_path, tokenizer):
     docs = [f"document number {i}, with some words." for i in range(12)]
     jsonl = tmp_path / "d.jsonl"

@@ -346,7 +346,12 @@ def _build_cache(folder: Path, sources: dict[str, DocumentSource], tokenizer: An
         (tmp / "meta.json").write_text(json.dumps(key_data, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a second run, a test worker) stored the same tokens meanwhile
+            if not all((folder / f"{name}.npy").is_file() for name in sources):
+                raise
+            shutil.rmtree(tmp)
 
 
 class PackedBlocks:
