@@ -248,6 +248,49 @@ def test_two_cpu_processes_give_the_weights_of_one_with_the_same_global_batch(wo
         assert max_difference(weights(tmp_path / "two" / name), weights(tmp_path / "one" / name)) <= 1e-5
 
 
+DRIVER = """
+import sys
+import accelerate
+from ssmify.cli import main
+
+save_state = accelerate.Accelerator.save_state
+
+
+def fails_on_rank_1(self, *args, **kwargs):
+    if self.process_index == 1:
+        raise OSError(5, "simulated: rank 1 cannot write its part", args[0])
+    return save_state(self, *args, **kwargs)
+
+
+accelerate.Accelerator.save_state = fails_on_rank_1
+sys.exit(main(["distill", sys.argv[1]]))
+"""
+
+
+def test_a_process_that_cannot_write_its_checkpoint_part_stops_every_process_in_one_line(workspace, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    recipe = recipe_dict(workspace, [stage("logits", checkpoint_every=2)], output_dir=str(tmp_path / "run"))
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    config = REPO / "recipes" / "accelerate" / "ddp.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    result = subprocess.run(
+        [*launch, str(driver), str(path)],
+        cwd=REPO,
+        env={**subprocess_env(), "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ssmify: error:")]
+    assert any("simulated: rank 1 cannot write its part" in line for line in errors), result.stderr[-3000:]
+    assert any("checkpoint step-2: another process failed writing its part" in line for line in errors)
+    checkpoints = tmp_path / "run" / "1-logits" / "checkpoints"
+    assert not list(checkpoints.glob("*step-2*"))  # neither a checkpoint nor its temporary folder is left
+
+
 def test_a_nan_loss_stops_the_run_and_points_at_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
     calls = {"training": 0}
     forward = LogitsObjective.forward

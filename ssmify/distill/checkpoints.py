@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from ssmify.atomic import write_text_atomic
@@ -118,7 +119,9 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, progress: d
     """Save the accelerate state (model, optimizer, RNG) and `progress` as `root/step-<step>`.
 
     Every process calls this: each writes its own part (RNG state; shards under FSDP/ZeRO). A full
-    disk stops the run with one line; the temporary folder is removed and older checkpoints stay.
+    disk stops the run with one line; the temporary folder is removed and older checkpoints stay. When
+    one process fails to write, all of them stop (`any_process_failed`) instead of the others waiting at
+    the next barrier; a failure inside a collective of save_state itself (FSDP, ZeRO) can still hang.
     """
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -135,8 +138,16 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, progress: d
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            accelerator.save_state(str(tmp))
-            accelerator.wait_for_everyone()
+            failure = None
+            try:
+                accelerator.save_state(str(tmp))
+            except Exception as err:  # held until every process knows, or the others would wait forever
+                failure = err
+            if any_process_failed(accelerator, failure is not None):
+                raise failure or SsmifyError(
+                    f"checkpoint {final.name}: another process failed writing its part (its own error "
+                    f"says why); {intact}"
+                )
             if accelerator.is_main_process:
                 record = {**progress, FILES_KEY: file_sizes(tmp)}
                 (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -154,6 +165,14 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, progress: d
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def any_process_failed(accelerator: Accelerator, failed: bool) -> bool:
+    """Whether any process says it failed; every process must call it (one all-reduce, the sync point)."""
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor([float(failed)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def load_checkpoint(accelerator: Accelerator, folder: Path) -> dict:
