@@ -26,8 +26,11 @@ engines: install
 	$(BIN)/python -m ssmify.export.engines all
 
 # The tests marked `engines` run exports in those venvs, so `make test` builds them first (once per machine).
+# Two workers (pytest-xdist), each test file on one of them: every test runs single-threaded (conftest.py),
+# so on CI's 2 cores the suite takes about half the time; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install engines
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The long fuzz run: FUZZ_EXAMPLES random recipes or argument lists per fuzz test (CI runs a fixed 80).
 FUZZ_EXAMPLES ?= 2000
