@@ -110,13 +110,13 @@ def print_table(results: dict) -> None:
         f"\nteacher: perplexity {results['teacher_perplexity']:.2f}; retrieval accuracy {json.dumps(teacher)}"
     )
     cells = [f"{t[:3]}@{n}" for t in ("induction", "passkey") for n in lengths]
-    header = f"{'run':<34} | {'ppl x':>6} | " + " | ".join(f"{c:>8}" for c in cells)
+    header = f"{'run':<38} | {'ppl x':>6} | " + " | ".join(f"{c:>8}" for c in cells)
     header += " | " + " | ".join(f"{'ret@' + str(n):>8}" for n in lengths) + f" | {'overall':>7}"
     header += f" | {'KV MiB@2k':>9} | {'KV MiB@8k':>9}"
     print(header)
     print("-" * len(header))
     for name, run in results["runs"].items():
-        row = f"{name:<34} | {run['perplexity'] / results['teacher_perplexity']:>6.2f} | "
+        row = f"{name:<38} | {run['perplexity'] / results['teacher_perplexity']:>6.2f} | "
         row += " | ".join(
             f"{run['retrieval'][t][str(n)]:>8.2f}" for t in ("induction", "passkey") for n in lengths
         )
