@@ -55,8 +55,9 @@ def previous_token_scores(
 
     Not a plan score, a check of one: an induction head matches its query against keys that carry the
     previous token, which previous-token heads in earlier layers write. On SmolLM2-135M those (16:0 0.89,
-    11:0 0.85, ...) score near zero on induction mass, so a plan of induction heads alone converts them,
-    and its student kept no retrieval (docs/benchmarks.md section 13)."""
+    11:0 0.85, ...) score near zero on induction mass, so a plan of induction heads alone converts them.
+    (Keeping them as well did not keep retrieval at 9 KV heads and the demo's budget either: there the
+    mixers after the kept heads lose the copy; docs/benchmarks.md section 13.)"""
     return _group_mass(model, length, sequences, seed, offset=1)
 
 
