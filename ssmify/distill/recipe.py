@@ -122,12 +122,9 @@ class StudentConfig(StrictModel):
     init: Literal["seeded", "random"] | None = None
     attention_heads: str | None = None  # a head-level plan, as `convert --attention-heads 3:0,7:2`
     keep_heads: float | None = Field(None, gt=0)  # as `convert --keep-heads`: a count, or a fraction below 1
-    kv_budget_mib: float | None = Field(
-        None, gt=0
-    )  # as `convert --kv-budget-mib`: KV heads that fit, at context
-    context: int | None = Field(
-        None, ge=1
-    )  # tokens at which kv_budget_mib is counted (convert's default 2048)
+    # as `convert --kv-budget-mib M --context N`: as many KV heads as fit in M MiB at N tokens (default 2048)
+    kv_budget_mib: float | None = Field(None, gt=0)
+    context: int | None = Field(None, ge=1)
     mixer_width: Literal["full", "kv"] | None = None  # None: convert's default, full
     gate: Literal["z", "mean", "none"] | None = None  # None: convert's default, z (mean/none: mamba2 only)
 
