@@ -228,6 +228,8 @@ def main() -> None:
         help="also a student with these KV groups kept (convert --attention-heads), e.g. h2=3:0,5:all",
     )
     args = parser.parse_args()
+    if any("=" not in item for item in args.plan):
+        parser.error(f"--plan: give NAME=HEADS, e.g. h2=3:0,5:all (got {' '.join(args.plan)})")
     plans = dict(item.split("=", 1) for item in args.plan)
     if args.quick:
         args.lengths, args.decode_tokens = [32, 64], 4
