@@ -49,17 +49,14 @@ class HeadPlan:
             if not item:
                 continue
             layer, sep, group = item.partition(":")
+            malformed = f"--attention-heads: {item!r} is not LAYER:KV_GROUP or LAYER:all (e.g. 3:0,7:2,9:all)"
+            if not sep:
+                raise SsmifyError(malformed)
             try:
                 groups = range(num_kv_heads) if group.strip() == "all" else [int(group)]
                 kept += [(int(layer), g) for g in groups]
             except ValueError:
-                raise SsmifyError(
-                    f"--attention-heads: {item!r} is not LAYER:KV_GROUP or LAYER:all (e.g. 3:0,7:2,9:all)"
-                ) from None
-            if not sep:
-                raise SsmifyError(
-                    f"--attention-heads: {item!r} is not LAYER:KV_GROUP or LAYER:all (e.g. 3:0,7:2,9:all)"
-                )
+                raise SsmifyError(malformed) from None
         return cls(num_layers, num_kv_heads, tuple(kept))
 
     @classmethod
