@@ -18,7 +18,8 @@ hold 9 KV heads, as --heads 9. The table adds the KV-cache MiB at 2k and 8k toke
 --head-plans takes hand-chosen plans in `convert --attention-heads` syntax (LAYER:GROUP,...), for example
 the heads that feed the induction heads beside the induction heads themselves.
 
-Results go to OUT/results.json after every student, so a killed run continues where it stopped.
+Results go to OUT/results.json after every student, and a killed student resumes from its last checkpoint
+(`run_recipe(resume=True)`), so a killed run continues where it stopped.
 Student folders are deleted once scored, unless --keep-students.
 
     python scripts/bench/retrieval.py                                  # SmolLM2-135M, the full grid
@@ -257,15 +258,20 @@ def main() -> None:
         if name in results["runs"]:
             continue
         run_dir = out / name
-        shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
-        student = convert(  # from the folder, so that the layer scores are cached
-            str(teacher_dir), out=run_dir / "convert", tokenizer=tokenizer, seed=seed, overwrite=True, **plan
-        )
-        layers = student.config.ssmify["attention_layers"]
-        report = student.convert_report
+        converted = run_dir / "convert"
+        if (converted / "convert_report.json").is_file():  # written atomically: a killed run resumes
+            report = json.loads((converted / "convert_report.json").read_text())
+            print(f"[{name}] resuming from {run_dir}", flush=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            student = convert(  # from the folder, so that the layer scores are cached
+                str(teacher_dir), out=converted, tokenizer=tokenizer, seed=seed, overwrite=True, **plan
+            )
+            report = student.convert_report
+            del student
+        layers = report["attention_layers"]
         kv_heads = report.get("kv_heads_kept", len(layers) * results["kv_heads_per_layer"])
-        del student
         recipe = copy.deepcopy(base)
         recipe.update(teacher=str(teacher_dir), student={"path": str(run_dir / "convert")}, seed=seed)
         recipe["output_dir"] = str(run_dir)
