@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,32 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
     assert math.isfinite(run["perplexity"]) and run["perplexity"] > 1
     assert name in stdout and "overall" in stdout
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
+
+
+def test_retrieval_bench_resumes_a_killed_student_instead_of_training_it_again(workspace: Path):
+    out = workspace / "retrieval-resume"
+    args = ("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt"))
+    args += ("--heldout", str(workspace / "held.txt"), "--out", str(out), "--plans", "0.5", "--keep-students")
+    run_script("retrieval.py", *args)
+    results = json.loads((out / "results.json").read_text())
+    (name,) = results["runs"]
+    first = results["runs"][name]
+    # A kill during the last stage: the student is not scored and its last stage has no final weights.
+    del results["runs"][name]
+    (out / "results.json").write_text(json.dumps(results))
+    run_dir = out / name
+    last = sorted(p for p in run_dir.iterdir() if p.name[0].isdigit())[-1]
+    shutil.rmtree(last)
+    done = {
+        p: p.stat().st_mtime_ns for p in run_dir.rglob("model.safetensors") if "checkpoints" not in p.parts
+    }
+    assert len(done) >= 2  # the converted student and at least one finished stage
+    stdout = run_script("retrieval.py", *args)
+    assert f"[{name}] resuming from" in stdout
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # neither converted nor trained again
+    assert (last / "model.safetensors").is_file()
+    rerun = json.loads((out / "results.json").read_text())["runs"][name]
+    assert math.isfinite(rerun["perplexity"]) and rerun["attention_layers"] == first["attention_layers"]
 
 
 def test_lora_bench_compares_full_fine_tuning_with_two_ranks_from_one_start(workspace: Path):
