@@ -12,7 +12,7 @@ from tiny_models import tiny_model
 from ssmify.convert.convert import convert
 from ssmify.convert.student import mixer_layers
 from ssmify.distill.objectives import build_objective, trained_student
-from ssmify.distill.objectives.logits import kd_loss
+from ssmify.distill.objectives.logits import LogitsObjective, kd_loss
 from ssmify.distill.recipe import LossConfig, Stage
 
 
@@ -144,6 +144,34 @@ def test_logits_stage_with_mixers_lowers_the_kl(pair):
     objective = build_objective(make_stage("logits"), student)
     assert all(".mixer." in n for n in trainable_names(student))
     assert fell(train(objective, teacher), by=0.3)
+
+
+def test_logits_stage_hidden_term_adds_each_layers_relative_error_with_the_student_on_its_own_inputs(pair):
+    teacher, fresh = pair
+    student = fresh()
+    ids = batch()
+    plain = build_objective(make_stage("logits"), student)
+    objective = build_objective(make_stage("logits", loss=LossConfig(hidden_weight=0.5)), student)
+    passes, targets = teacher_passes(teacher, objective, ids)
+    assert passes == 1 and len(targets.hidden) == teacher.config.num_hidden_layers + 1
+    result = objective(ids, targets)
+    with torch.no_grad():
+        ours = student(input_ids=ids, output_hidden_states=True).hidden_states
+        theirs = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    errors = [((s - t).norm(dim=-1) / t.norm(dim=-1)).mean() for s, t in zip(ours[1:], theirs[1:])]
+    expected = plain(ids, targets.logits)["loss"] + 0.5 * torch.stack(errors).mean()
+    torch.testing.assert_close(result["loss"], expected)
+    assert result["hidden"] > 0.01  # layer 0 is a mixer: its output differs from the teacher's
+    assert fell(train(objective, teacher), by=0.3)
+
+
+def test_hidden_term_vanishes_for_the_teacher_itself(pair):
+    teacher, _ = pair
+    objective = LogitsObjective(teacher, LossConfig(hidden_weight=1.0))
+    ids = batch()
+    result = objective(ids, objective.teacher_targets(teacher, ids))
+    assert result["hidden"].item() == pytest.approx(0.0, abs=1e-6)
+    assert result["loss"].item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_lora_adapters_train_and_merge_into_a_plain_student(pair):

@@ -82,6 +82,10 @@ def test_stage_specific_fields_are_checked_against_the_stage():
     assert "stages.0.trainable: the matrix stage trains the mixers only" in error_of(
         minimal(name="matrix", trainable="all")
     )
+    assert "stages.0.loss.hidden_weight: a teacher cache holds logits only" in error_of(
+        minimal(teacher_cache="cache-dir", loss={"hidden_weight": 0.5})
+    )
+    assert parse_recipe(minimal(teacher_cache="cache-dir", loss={"hidden_weight": 0})).stages[0].teacher_cache
 
 
 def test_student_takes_a_path_or_convert_options_but_not_both():

@@ -219,6 +219,9 @@ class LossConfig(StrictModel):
     kind: Literal["forward_kl", "reverse_kl"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
+    # End-to-end hidden alignment: every layer's output, the student running on its own earlier layers,
+    # against the teacher's, as relative L2 error (ssmify.distill.objectives.logits.hidden_loss).
+    hidden_weight: float = Field(0.0, ge=0)
 
 
 class Stage(StrictModel):
@@ -376,6 +379,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise SsmifyError(
                 f"{where}.teacher_cache: a teacher cache holds the teacher's top-K only, which gives "
                 "forward_kl; set loss.kind: forward_kl or drop the cache"
+            )
+        if stage.teacher_cache is not None and stage.loss is not None and stage.loss.hidden_weight > 0:
+            raise SsmifyError(
+                f"{where}.loss.hidden_weight: a teacher cache holds logits only, not the teacher's hidden "
+                "states; set hidden_weight: 0 or drop the cache"
             )
         if stage.name == "matrix" and isinstance(stage.trainable, LoraTrainable):
             raise SsmifyError(

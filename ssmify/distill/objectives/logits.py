@@ -17,6 +17,13 @@ full KL (merging outcomes never raises a KL) and equals it when S holds the whol
 (p_rest = q_rest = 0). The student's log q_rest is a logsumexp over the ids outside S, which keeps
 its gradient exact where q_rest is tiny. Only forward_kl is defined from a cache: reverse_kl needs the
 teacher's probability of every id the student puts mass on.
+
+With loss.hidden_weight w > 0 the loss adds w times the end-to-end hidden error: for every layer l and
+token, ||h_student_l - h_teacher_l|| / ||h_teacher_l||, averaged. Unlike the hidden stage, whose blocks
+run on the teacher's inputs, here the student runs on its own earlier layers, so a mixer is also trained
+to hand the layers after it what the teacher's would (in a head-level hybrid, the keys and queries the
+kept heads read). Relative error, because the residual stream's norm grows with depth and would
+otherwise let the last layers drown the first.
 """
 
 from __future__ import annotations
@@ -115,6 +122,24 @@ def with_ce(
     return {"loss": loss, "kl": kl.detach(), "ce": ce.detach()}
 
 
+@dataclass
+class TeacherOutputs:
+    """The teacher's logits (B, L, V) and, for the end-to-end hidden term, its layers' outputs."""
+
+    logits: torch.Tensor
+    hidden: tuple[torch.Tensor, ...]
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over layers and tokens of ||h_s - h_t|| / ||h_t||: the layers' outputs, without the embeddings."""
+    errors = [
+        torch.linalg.vector_norm(s.float() - t.float(), dim=-1)
+        / torch.linalg.vector_norm(t.float(), dim=-1).clamp_min(1e-6)
+        for s, t in zip(student[1:], teacher[1:], strict=True)
+    ]
+    return torch.stack(errors).mean()
+
+
 class LogitsObjective(nn.Module):
     """Holds the student (possibly peft-wrapped); forward returns the KD loss against teacher logits."""
 
@@ -132,11 +157,23 @@ class LogitsObjective(nn.Module):
         return self.student if isinstance(self.student, PeftModel) else None
 
     @torch.no_grad()
-    def teacher_targets(self, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return teacher(input_ids=input_ids, use_cache=False).logits
+    def teacher_targets(self, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | TeacherOutputs:
+        if self.config.hidden_weight == 0:
+            return teacher(input_ids=input_ids, use_cache=False).logits
+        out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        return TeacherOutputs(out.logits, out.hidden_states)
 
     def forward(self, input_ids: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
-        logits = self.student(input_ids=input_ids, use_cache=False).logits
+        hidden = isinstance(targets, TeacherOutputs)
+        out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
         if isinstance(targets, TopKTargets):
-            return top_k_kd_loss(logits, targets, input_ids, self.config)
-        return kd_loss(logits, targets, input_ids, self.config)
+            return top_k_kd_loss(out.logits, targets, input_ids, self.config)
+        if not hidden:
+            return kd_loss(out.logits, targets, input_ids, self.config)
+        result = kd_loss(out.logits, targets.logits, input_ids, self.config)
+        error = hidden_loss(out.hidden_states, targets.hidden)
+        return {
+            **result,
+            "loss": result["loss"] + self.config.hidden_weight * error,
+            "hidden": error.detach(),
+        }
