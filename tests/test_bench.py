@@ -247,7 +247,7 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
     assert name == "50pct/retrieval/synthetic50/seed0" and run["choice"] == "retrieval"
     assert len(run["attention_layers"]) == 2 and run["synthetic"] == 0.5
     assert run["kv_heads"] == 4  # 2 layers x 2 KV heads
-    assert heads_name == "heads3/induction/synthetic50/seed0" and heads["kv_heads"] == 3
+    assert heads_name == "heads3/circuit/synthetic50/seed0" and heads["kv_heads"] == 3
     assert len(heads["attention_heads"]) == 3 and len(heads["head_scores"]) == 4
     assert heads["training_tokens"] == run["training_tokens"]
     assert math.isfinite(heads["perplexity"]) and heads_name in stdout and "KV MiB@2k" in stdout

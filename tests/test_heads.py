@@ -17,7 +17,12 @@ import ssmify
 from ssmify.convert.adapters import get_adapter
 from ssmify.convert.build import seeded_student
 from ssmify.convert.head_plan import HeadPlan, budget_count, head_count
-from ssmify.convert.head_scores import induction_head_scores, previous_token_scores, unkept_feeders
+from ssmify.convert.head_scores import (
+    circuit_plan,
+    induction_head_scores,
+    previous_token_scores,
+    unkept_feeders,
+)
 from ssmify.convert.mixed_layer import MixedAttention, MixedCacheLayer, make_mixed_attention, subset_weights
 from ssmify.convert.plan import LayerPlan
 from ssmify.errors import SsmifyError
@@ -196,10 +201,19 @@ def test_convert_warns_when_a_plan_drops_the_previous_token_head_and_reports_its
     with caplog.at_level("WARNING", logger="ssmify.convert.convert"):
         ssmify.convert(copying_teacher(), out=tmp_path / "s", attention_heads="1:0")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("converts the previous-token heads below them (0:0 " in w for w in warnings)
+    assert any("previous-token heads below its induction heads (0:0 " in w for w in warnings)
     report = json.loads((tmp_path / "s" / "convert_report.json").read_text())
     assert torch.tensor(report["previous_token_scores"]).shape == (4, 3)
     assert report["previous_token_scores"][0][0] > 0.5
+
+
+def test_convert_keep_heads_keeps_the_induction_head_with_the_previous_token_head_it_reads(caplog):
+    with caplog.at_level("WARNING", logger="ssmify.convert.convert"):
+        student = ssmify.convert(copying_teacher(), keep_heads=4)
+    report = student.convert_report
+    assert {(0, 0), (1, 0)} <= {tuple(head) for head in report["attention_heads"]}
+    assert report["kv_heads_kept"] == 4
+    assert not [r for r in caplog.records if "previous-token heads below" in r.getMessage()]
 
 
 def test_convert_keep_heads_keeps_the_best_scoring_groups_and_reports_scores(teacher, tmp_path):
@@ -212,6 +226,18 @@ def test_convert_keep_heads_keeps_the_best_scoring_groups_and_reports_scores(tea
         kept[layer, group] = True
     assert scores[kept].min() >= scores[~kept].max()
     assert student.config.ssmify.get("attention_heads", {}) == report["mixed_layers"]
+
+
+def test_a_plan_by_count_spends_a_quarter_on_the_previous_token_groups_below_its_induction_groups():
+    induction = torch.tensor([[0.0, 0.01], [0.7, 0.0], [0.0, 0.8], [0.9, 0.0]])
+    previous = torch.tensor([[0.1, 0.9], [0.0, 0.6], [0.0, 0.0], [0.0, 0.95]])
+    # 3 induction groups (3:0, 2:1, 1:0) and 1 feeder: 3:1 is stronger but not below layer 3, so 0:1.
+    assert circuit_plan(induction, previous, 4).kept == ((0, 1), (1, 0), (2, 1), (3, 0))
+    assert circuit_plan(induction, previous, 3).kept == ((1, 0), (2, 1), (3, 0))  # under 4: induction only
+    assert circuit_plan(induction, previous, 8).kept == HeadPlan.parse(4, 2, "0:all,1:all,2:all,3:all").kept
+    # Induction heads in layer 0 alone have no layers below them: the next induction groups fill the plan.
+    low = torch.tensor([[0.9, 0.8], [0.5, 0.0], [0.0, 0.4], [0.3, 0.0]])
+    assert circuit_plan(low, previous, 4).kept == ((0, 0), (0, 1), (1, 0), (2, 1))
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ passkey samples at --lengths (`ssmify.eval.retrieval`; the teacher is scored on 
 Retention is student / teacher accuracy; the overall figure sums over the points where the teacher
 scores at least 50%.
 
-With --heads N, head-level hybrids join the grid: `convert --keep-heads N` keeps attention in the N KV
-heads (model-wide) with the most induction copy mass and makes every other head a mixer head
+With --heads N, head-level hybrids join the grid: `convert --keep-heads N` keeps attention in N KV
+heads (model-wide: the most induction copy mass, a quarter by previous-token mass below those,
+`ssmify.convert.head_scores.circuit_plan`) and makes every other head a mixer head
 (`ssmify.convert.mixed_layer`); same recipe, tokens and scoring. For a comparison at equal KV-cache
 bytes, give a layer plan with the same number of KV heads: 3 of SmolLM2-135M's 30 layers (--plans 0.1)
 hold 9 KV heads, as --heads 9. The table adds the KV-cache MiB at 2k and 8k tokens (float32, one sequence).
@@ -53,7 +54,7 @@ def run_name(keep: float, choice: str, synthetic: float, seed: int) -> str:
 
 
 def head_run_name(heads: int, synthetic: float, seed: int) -> str:
-    return f"heads{heads}/induction/synthetic{round(synthetic * 100)}/seed{seed}"
+    return f"heads{heads}/circuit/synthetic{round(synthetic * 100)}/seed{seed}"
 
 
 def hand_run_name(heads: str, synthetic: float, seed: int) -> str:
@@ -291,7 +292,7 @@ def main() -> None:
         scores = retrieval_scores(model, tokenizer, options)
         results["runs"][name] = {
             "plan": plan.get("keep_attention"),
-            "choice": plan.get("layer_choice", "by hand" if "attention_heads" in plan else "induction heads"),
+            "choice": plan.get("layer_choice", "by hand" if "attention_heads" in plan else "circuit"),
             "synthetic": fraction,
             "seed": seed,
             "attention_layers": layers,

@@ -60,12 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--keep-heads",
         type=float,
         help="KV heads that keep attention model-wide: a count (>= 1) or a fraction (< 1), chosen by "
-        "induction copy mass (a head-level hybrid)",
+        "induction copy mass, a quarter by previous-token mass below those (a head-level hybrid)",
     )
     plan.add_argument(
         "--kv-budget-mib",
         type=float,
-        help="keep as many KV heads (by induction copy mass) as fit in this many MiB of KV cache at --context",
+        help="keep as many KV heads (chosen as by --keep-heads) as fit in this many MiB of KV cache at --context",
     )
     p.add_argument(
         "--context", type=int, default=2048, help="context length for --kv-budget-mib (default 2048)"

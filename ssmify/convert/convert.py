@@ -84,7 +84,8 @@ def convert(
     attention_heads / keep_heads / kv_budget_mib: a head-level plan instead (ssmify.convert.head_plan):
     KV groups by hand ("3:0,7:2", layer:kv_group), a count or fraction of KV heads, or as many KV heads
     as fit in kv_budget_mib MiB of KV cache at `context` tokens; the last two keep the KV groups with the
-    highest induction copy mass (ssmify.convert.head_scores), whose scores go into the report. A head
+    highest induction copy mass and, a quarter of them, the previous-token groups those read from
+    (ssmify.convert.head_scores.circuit_plan); every group's scores go into the report. A head
     plan takes the default mixer layout (full width, gate z).
     The student's perplexity before any training, next to the teacher's, and its parameter counts next
     to the teacher's, are logged and saved in `out/convert_report.json`.
@@ -153,9 +154,9 @@ def convert(
         feeders = unkept_feeders(plan, head_scores, previous_scores)
         if feeders:
             log.warning(
-                "the plan keeps induction heads but converts the previous-token heads below them (%s): "
-                "an induction head reads keys those heads write, so retrieval is likely lost; keep them "
-                "with --attention-heads (convert_report.json: previous_token_scores)",
+                "the plan converts strong previous-token heads below its induction heads (%s): an "
+                "induction head reads keys those heads write; to keep them, name them in --attention-heads "
+                "(convert_report.json: previous_token_scores)",
                 ", ".join(f"{layer}:{group} {mass:.2f}" for layer, group, mass in feeders),
             )
     log.info("plan: %s", plan.describe())

@@ -62,9 +62,7 @@ class HeadPlan:
     @classmethod
     def top(cls, scores: torch.Tensor, count: int) -> HeadPlan:
         """The `count` KV groups with the highest `scores` (num_layers, num_kv_heads); ties go to the earlier."""
-        layers, groups = scores.shape
-        order = sorted(range(layers * groups), key=lambda i: -float(scores.flatten()[i]))[:count]
-        return cls(layers, groups, tuple((i // groups, i % groups) for i in order))
+        return cls(*scores.shape, tuple(ranked(scores)[:count]))
 
     @property
     def total(self) -> int:
@@ -184,3 +182,10 @@ def plan_heads(
     if keep_heads is not None:
         return head_count(keep_heads, layers * kv_heads)
     return budget_count(kv_budget_mib, context, head_dim, dtype, layers * kv_heads)
+
+
+def ranked(scores: torch.Tensor) -> list[tuple[int, int]]:
+    """Every (layer, kv_group) of `scores` (num_layers, num_kv_heads), highest score first; ties go to the earlier."""
+    groups = scores.shape[1]
+    order = sorted(range(scores.numel()), key=lambda i: -float(scores.flatten()[i]))
+    return [(i // groups, i % groups) for i in order]

@@ -15,9 +15,13 @@ needs the whole group's keys and values.
 
 Induction mass alone misses the circuit: an induction head reads keys that previous-token heads in
 earlier layers write, and those score near zero on it. `previous_token_scores` measures them on the same
-sequences; `convert` reports them and warns when a plan converts the ones below its induction heads
-(`unkept_feeders`). On SmolLM2-135M, converting just its two strongest previous-token heads drops the
-teacher's induction accuracy from 0.91 to 0.15 (docs/benchmarks.md section 13).
+sequences. On SmolLM2-135M, converting just its two strongest previous-token heads drops the teacher's
+induction accuracy from 0.91 to 0.15. So a plan by count (`choose_heads`) spends a quarter of its heads,
+rounded down, on the strongest previous-token groups below its induction groups and the rest on induction
+mass: for SmolLM2-135M at 9 heads, 16:0 and 11:0 beside the 7 best induction groups, the plan that kept
+retention 0.42 where the 9 best induction groups alone kept 0.17, at the same tokens (docs/benchmarks.md
+section 13; one seed; other counts and teachers are not measured). `convert` still warns when a plan,
+by hand or by budget, converts strong feeders (`unkept_feeders`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import torch
 from transformers import PreTrainedModel
 
 from ssmify.convert.adapters import get_adapter
-from ssmify.convert.head_plan import HeadPlan
+from ssmify.convert.head_plan import HeadPlan, ranked
 from ssmify.convert.probes import teacher_attention
 
-HEAD_SCORE = "induction copy mass"
+HEAD_SCORE = "induction copy mass, a quarter of the heads by previous-token mass below them"
+FEEDER_SHARE = 0.25  # of a plan's heads, for the previous-token groups its induction groups read from
 INDUCTION_LENGTH = 128  # tokens in each copy
 INDUCTION_SEQUENCES = 4
 
@@ -53,11 +58,9 @@ def previous_token_scores(
     """(num_layers, num_kv_heads): each KV group's previous-token mass, the attention on position t - 1 in
     the same repeated random sequences, in [0, 1].
 
-    Not a plan score, a check of one: an induction head matches its query against keys that carry the
-    previous token, which previous-token heads in earlier layers write. On SmolLM2-135M those (16:0 0.89,
-    11:0 0.85, ...) score near zero on induction mass, so a plan of induction heads alone converts them.
-    (Keeping them as well did not keep retrieval at 9 KV heads and the demo's budget either: there the
-    mixers after the kept heads lose the copy; docs/benchmarks.md section 13.)"""
+    An induction head matches its query against keys that carry the previous token, which previous-token
+    heads in earlier layers write. On SmolLM2-135M those (16:0 0.89, 11:0 0.85, ...) score near zero on
+    induction mass, so a plan of induction heads alone converts them; `circuit_plan` keeps the strongest."""
     return _group_mass(model, length, sequences, seed, offset=1)
 
 
@@ -98,11 +101,24 @@ def unkept_feeders(
     return sorted(found, key=lambda item: -item[2])
 
 
+def circuit_plan(induction: torch.Tensor, previous: torch.Tensor, count: int) -> HeadPlan:
+    """`count` KV groups: the best by induction mass, and a quarter (rounded down) of the count given to the
+    strongest previous-token groups in the layers below the deepest of those (module docstring). Where too
+    few such groups exist, the next induction groups fill the plan."""
+    feeders = int(count * FEEDER_SHARE)
+    readers = ranked(induction)[: count - feeders]
+    deepest = max(layer for layer, _ in readers)
+    below = [head for head in ranked(previous) if head[0] < deepest and head not in readers]
+    kept = readers + below[:feeders]
+    kept += [head for head in ranked(induction) if head not in kept][: count - len(kept)]
+    return HeadPlan(*induction.shape, tuple(kept))
+
+
 def choose_heads(
     model: PreTrainedModel, wanted: HeadPlan | int
 ) -> tuple[HeadPlan, torch.Tensor, torch.Tensor]:
-    """The plan (`wanted` itself, or the `wanted` best-scoring KV groups), every KV group's induction score
+    """The plan (`wanted` itself, or `circuit_plan` of `wanted` KV groups), every KV group's induction score
     and its previous-token score."""
-    scores = induction_head_scores(model)
-    plan = wanted if isinstance(wanted, HeadPlan) else HeadPlan.top(scores, wanted)
-    return plan, scores, previous_token_scores(model)
+    scores, previous = induction_head_scores(model), previous_token_scores(model)
+    plan = wanted if isinstance(wanted, HeadPlan) else circuit_plan(scores, previous, wanted)
+    return plan, scores, previous
