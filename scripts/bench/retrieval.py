@@ -274,7 +274,7 @@ def main() -> None:
         layers = report["attention_layers"]
         kv_heads = report.get("kv_heads_kept", len(layers) * results["kv_heads_per_layer"])
         recipe = copy.deepcopy(base)
-        recipe.update(teacher=str(teacher_dir), student={"path": str(run_dir / "convert")}, seed=seed)
+        recipe.update(teacher=str(teacher_dir), student={"path": str(converted)}, seed=seed)
         recipe["output_dir"] = str(run_dir)
         recipe["data"] = {**recipe["data"], "train": [str(train)], "validation": [str(heldout)]}
         recipe["data"].pop("synthetic", None)  # this run's fraction, not the recipe's

@@ -59,11 +59,6 @@ class HeadPlan:
                 raise SsmifyError(malformed) from None
         return cls(num_layers, num_kv_heads, tuple(kept))
 
-    @classmethod
-    def top(cls, scores: torch.Tensor, count: int) -> HeadPlan:
-        """The `count` KV groups with the highest `scores` (num_layers, num_kv_heads); ties go to the earlier."""
-        return cls(*scores.shape, tuple(ranked(scores)[:count]))
-
     @property
     def total(self) -> int:
         return self.num_layers * self.num_kv_heads
@@ -187,5 +182,5 @@ def plan_heads(
 def ranked(scores: torch.Tensor) -> list[tuple[int, int]]:
     """Every (layer, kv_group) of `scores` (num_layers, num_kv_heads), highest score first; ties go to the earlier."""
     groups = scores.shape[1]
-    order = sorted(range(scores.numel()), key=lambda i: -float(scores.flatten()[i]))
+    order = scores.flatten().argsort(descending=True, stable=True).tolist()
     return [(i // groups, i % groups) for i in order]

@@ -106,11 +106,12 @@ def circuit_plan(induction: torch.Tensor, previous: torch.Tensor, count: int) ->
     strongest previous-token groups in the layers below the deepest of those (module docstring). Where too
     few such groups exist, the next induction groups fill the plan."""
     feeders = int(count * FEEDER_SHARE)
-    readers = ranked(induction)[: count - feeders]
+    by_induction = ranked(induction)
+    readers = by_induction[: count - feeders]
     deepest = max(layer for layer, _ in readers)
     below = [head for head in ranked(previous) if head[0] < deepest and head not in readers]
     kept = readers + below[:feeders]
-    kept += [head for head in ranked(induction) if head not in kept][: count - len(kept)]
+    kept += [head for head in by_induction if head not in kept][: count - len(kept)]
     return HeadPlan(*induction.shape, tuple(kept))
 
 
