@@ -74,13 +74,18 @@ def test_convert_with_sensitive_layer_choice_keeps_attention_where_the_sensitivi
     scores = {0: 0.9, 1: 0.1, 2: 0.8, 3: 0.0}
     calls = []
 
-    def measured(model, input_ids, metrics, tokenizer=None, mixer="mamba2", seed=0, progress=True):
-        calls.append((model, tuple(input_ids.shape), mixer))
+    def measured(
+        model, input_ids, metrics, tokenizer=None, mixer="mamba2", seed=0, progress=True, layout=None
+    ):
+        calls.append((model, tuple(input_ids.shape), mixer, layout))
         return {"loss": scores}
 
     monkeypatch.setattr(sensitivity_module, "layer_scores", measured)
-    student = ssmify.convert(teacher, keep_attention=0.5, layer_choice="sensitive", mixer="discrete_mamba2")
+    student = ssmify.convert(
+        teacher, keep_attention=0.5, layer_choice="sensitive", mixer="discrete_mamba2", chunk_size=32
+    )
     assert len(calls) == 1 and calls[0][0] is teacher and calls[0][2] == "discrete_mamba2"
+    assert calls[0][3]["chunk_size"] == 32  # scored with the mixer the student gets
     assert calls[0][1][0] >= 1 and calls[0][1][1] > 1  # windows of calibration tokens
     report = student.convert_report
     assert report["attention_layers"] == [0, 2] and sorted(mixer_layers(student)) == [1, 3]
@@ -161,6 +166,32 @@ def test_layer_scores_are_cached_per_teacher_folder_and_text(tmp_path, monkeypat
     with pytest.raises(AssertionError, match="cached scores"):  # other text: measured again
         cached_layer_scores(
             model, tokens(length=40), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache"
+        )
+
+
+def test_layer_scores_measure_the_mixer_layout_the_student_gets_and_cache_it_apart(tmp_path, monkeypatch):
+    sensitivity_module = importlib.import_module("ssmify.convert.sensitivity")
+    folder = save_model(tiny_model("llama", num_hidden_layers=4), tmp_path / "teacher")
+    model = tiny_model("llama", num_hidden_layers=4)
+    default = {"chunk_size": 64, "mixer_options": None, "width": "full", "gate": "z"}
+    plain = cached_layer_scores(
+        model, tokens(), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache", layout=default
+    )
+    lean = {**default, "width": "kv", "gate": "none"}
+    measured = layer_scores(model, tokens(), ("kl",), progress=False, layout=lean)
+    assert measured["kl"] != plain["kl"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached scores should have been used")
+
+    monkeypatch.setattr(sensitivity_module, "layer_scores", refuse)
+    assert (
+        cached_layer_scores(model, tokens(), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache")
+        == plain
+    )
+    with pytest.raises(AssertionError, match="cached scores"):  # another layout: measured again
+        cached_layer_scores(
+            model, tokens(), ("kl",), None, "mamba2", 0, folder, False, tmp_path / "cache", layout=lean
         )
 
 

@@ -144,7 +144,13 @@ def convert(
         teacher_dir = None if isinstance(teacher, PreTrainedModel) else teacher
         ids = calibration[:SENSITIVITY_WINDOWS]
         metrics = CHOICE_METRICS[layer_choice]
-        scores = cached_layer_scores(model, ids, metrics, tokenizer, mixer, seed, teacher_dir)
+        layout = {
+            "chunk_size": chunk_size,
+            "mixer_options": mixer_options,
+            "width": mixer_width,
+            "gate": gate,
+        }
+        scores = cached_layer_scores(model, ids, metrics, tokenizer, mixer, seed, teacher_dir, layout=layout)
         plan = LayerPlan(plan.num_layers, choose_layers(scores, layer_choice, keep_attention))
     head_scores = previous_scores = None
     if heads is not None:

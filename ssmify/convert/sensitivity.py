@@ -119,10 +119,13 @@ def layer_scores(
     mixer: str = "mamba2",
     seed: int = 0,
     progress: bool = True,
+    layout: dict | None = None,
 ) -> dict[str, dict[int, float]]:
     """{metric: {layer: damage when that layer alone becomes its seeded mixer}} for `metrics` among
     loss, kl, retrieval (which adds retrieval_nll). `input_ids` (N, L) is the calibration text scored
-    by loss and kl; `tokenizer` is the teacher's (retrieval needs it). The teacher is left as it was."""
+    by loss and kl; `tokenizer` is the teacher's (retrieval needs it). `layout`: the `seeded_student`
+    keywords that shape the student's mixer (chunk_size, mixer_options, width, gate), so that a layer is
+    scored with the mixer it would get. The teacher is left as it was."""
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise SsmifyError(
@@ -143,7 +146,9 @@ def layer_scores(
     # The mixers are calibrated as convert calibrates them by default: on the built-in text's even windows.
     calibration = calibration_windows(teacher, tokenizer, read_calibration_text(None))[0::2]
     no_attention = LayerPlan.from_args(teacher.config.num_hidden_layers, None, 0.0)
-    every_layer = seeded_student(teacher, no_attention, mixer, "seeded", calibration, seed=seed)
+    every_layer = seeded_student(
+        teacher, no_attention, mixer, "seeded", calibration, seed=seed, **(layout or {})
+    )
     teacher_blocks = adapter.decoder_layers(teacher)
     mixer_blocks = adapter.decoder_layers(every_layer)
 
@@ -187,6 +192,7 @@ def layer_scores(
 
 
 SCORES_FORMAT = 2
+LAYOUT_DEFAULTS = {"chunk_size": 64, "mixer_options": {}, "width": "full", "gate": "z"}  # seeded_student's
 
 
 def teacher_fingerprint(teacher_dir: str | os.PathLike) -> list | None:
@@ -212,14 +218,17 @@ def cached_layer_scores(
     teacher_dir: str | os.PathLike | None,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    layout: dict | None = None,
 ) -> dict[str, dict[int, float]]:
-    """`layer_scores`, computed once per teacher (its files), calibration tokens, mixer, metrics and seed,
-    and cached as JSON under the ssmify cache folder. A teacher given only in memory is not cached."""
+    """`layer_scores`, computed once per teacher (its files), calibration tokens, mixer and its layout,
+    metrics and seed, and cached as JSON under the ssmify cache folder. A teacher given only in memory is
+    not cached."""
     from ssmify.assets import cache_root
 
     fingerprint = teacher_fingerprint(teacher_dir) if teacher_dir is not None else None
     if fingerprint is None:
-        return layer_scores(teacher, input_ids, metrics, tokenizer, mixer, seed, progress)
+        return layer_scores(teacher, input_ids, metrics, tokenizer, mixer, seed, progress, layout)
+    changed = {k: v for k, v in (layout or {}).items() if (v or {}) != LAYOUT_DEFAULTS.get(k)}
     described = {
         "format": SCORES_FORMAT,
         "teacher": fingerprint,
@@ -227,6 +236,7 @@ def cached_layer_scores(
         "shape": list(input_ids.shape),
         "mixer": mixer,
         "metrics": sorted(metrics),
+        **({"layout": changed} if changed else {}),
         "seed": seed,
     }
     key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:20]
@@ -235,7 +245,7 @@ def cached_layer_scores(
         log.info("layer scores: using the cached %s", path)
         saved = json.loads(path.read_text())["scores"]
         return {name: {int(i): v for i, v in per_layer.items()} for name, per_layer in saved.items()}
-    scores = layer_scores(teacher, input_ids, metrics, tokenizer, mixer, seed, progress)
+    scores = layer_scores(teacher, input_ids, metrics, tokenizer, mixer, seed, progress, layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({**described, "scores": scores}))
     return scores
