@@ -138,6 +138,32 @@ def test_hidden_stage_matches_block_outputs_and_trains_what_the_recipe_says(pair
     assert fell(train(objective, teacher, lr=3e-3), by=0.2)
 
 
+def test_mixers_and_attention_trains_the_kept_heads_and_whole_attention_layers_not_the_mlps():
+    teacher = tiny_model("llama", seed=0)
+    student = convert(teacher, tokenizer=char_tokenizer(), attention_heads="1:0,3:all")
+    objective = build_objective(make_stage("logits", trainable="mixers+attention"), student)
+    names = trainable_names(student)
+    mixed = student.model.layers[1].self_attn
+    assert {n for n, p in mixed.attention.named_parameters()} == {
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+    }
+    for kept in (
+        "model.layers.1.self_attn.attention.q_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    ):
+        assert kept in names
+    assert (
+        "model.layers.3.self_attn.q_proj.weight" in names and "model.layers.1.self_attn.mixer.A_log" in names
+    )
+    assert all(".self_attn." in n for n in names)  # no MLP, norm or embedding
+    with torch.no_grad():
+        before = student.model.layers[1].self_attn.attention.q_proj.weight.clone()
+    train(objective, teacher, lr=3e-3, steps=2)
+    assert not torch.equal(student.model.layers[1].self_attn.attention.q_proj.weight, before)
+
+
 def test_logits_stage_with_mixers_lowers_the_kl(pair):
     teacher, fresh = pair
     student = fresh()

@@ -207,7 +207,7 @@ def _trainable_kind(value: Any) -> str:
 
 
 Trainable = Annotated[
-    Annotated[Literal["mixers", "blocks", "all"], Tag("named-set")]
+    Annotated[Literal["mixers", "mixers+attention", "blocks", "all"], Tag("named-set")]
     | Annotated[LoraTrainable, Tag("lora-adapter")],
     Discriminator(_trainable_kind),
 ]
@@ -394,9 +394,10 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise SsmifyError(
                 f"{where}.trainable: the matrix stage trains the mixers only (got {stage.trainable!r})"
             )
-        if stage.name == "hidden" and stage.trainable == "all":
+        if stage.name == "hidden" and stage.trainable in ("all", "mixers+attention"):
             raise SsmifyError(
-                f"{where}.trainable: the hidden stage trains mixers, blocks or LoRA adapters (got 'all')"
+                f"{where}.trainable: the hidden stage trains mixers, blocks or LoRA adapters "
+                f"(got {stage.trainable!r})"
             )
 
 

@@ -1,4 +1,5 @@
-"""Which parameters a stage trains: the mixers, the converted blocks, everything, or LoRA adapters (peft)."""
+"""Which parameters a stage trains: the mixers, the mixers and the attention kept beside them, the converted
+blocks, everything, or LoRA adapters (peft)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,24 @@ def converted_blocks(student: nn.Module) -> dict[int, nn.Module]:
     return {i: layers[i] for i in converted_mixers(student)}
 
 
+def kept_attention(student: nn.Module) -> list[nn.Module]:
+    """The attention the student kept: whole attention layers, and in each mixed layer the kept KV
+    groups' attention with the o_proj that all its heads share."""
+    from ssmify.convert.adapters import get_adapter
+    from ssmify.convert.mixed_layer import MixedAttention
+    from ssmify.convert.student import MixerAttention
+
+    adapter = get_adapter(student.config.ssmify["base_model_type"])
+    found: list[nn.Module] = []
+    for block in adapter.decoder_layers(student):
+        attention = getattr(block, adapter.attention_attr)
+        if isinstance(attention, MixedAttention):
+            found += [attention.o_proj] + ([attention.attention] if attention.attention is not None else [])
+        elif not isinstance(attention, MixerAttention):
+            found.append(attention)
+    return found
+
+
 def apply_trainable(
     student: nn.Module, trainable: str | LoraTrainable, stage_name: str = "logits", where: str = "trainable"
 ) -> nn.Module:
@@ -39,6 +58,10 @@ def apply_trainable(
     if trainable == "mixers":
         for mixer in converted_mixers(student).values():
             mixer.requires_grad_(True)
+        return student
+    if trainable == "mixers+attention":
+        for module in [*converted_mixers(student).values(), *kept_attention(student)]:
+            module.requires_grad_(True)
         return student
     if trainable == "blocks":
         for block in converted_blocks(student).values():
