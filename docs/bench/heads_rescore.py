@@ -6,7 +6,10 @@ seeded samples per task and length (the evaluator's default seed; the lengths dr
 generator, so these are not the bench's 4 samples and 12 more), the teacher once on the same samples, and prints accuracy, retention per length and the overall retention
 (the points where the teacher scores at least 50%), one JSON line per student.
 
-    OMP_NUM_THREADS=1 .venv/bin/python docs/bench/heads_rescore.py STUDENT_DIR... > docs/bench/heads_rescore.txt
+    B=runs/bench
+    OMP_NUM_THREADS=2 .venv/bin/python docs/bench/heads_rescore.py $B/heads_attn/heads9/hand-2cc6ee/synthetic10/seed0/3-logits \
+        $B/heads_logits_heavy/heads9/hand-2cc6ee/synthetic10/seed0/3-logits \
+        $B/heads_logits_heavy/10pct/retrieval/synthetic10/seed0/3-logits > docs/bench/heads_rescore.txt
 """
 
 import json
