@@ -278,6 +278,11 @@ def test_lora_settings_are_checked_and_the_matrix_stage_refuses_lora():
         "stages.0.trainable: the hidden stage trains mixers, blocks or LoRA adapters (got 'all')"
         in error_of(minimal(name="hidden", trainable="all"))
     )
+    assert "(got 'mixers+attention')" in error_of(minimal(name="hidden", trainable="mixers+attention"))
+    assert (
+        parse_recipe(minimal(name="logits", trainable="mixers+attention")).stages[0].trainable
+        == "mixers+attention"
+    )
     assert parse_recipe(minimal(name="hidden", trainable={"lora": {"r": 4}})).stages[0].trainable.lora.r == 4
 
 
