@@ -284,6 +284,12 @@ def test_lora_settings_are_checked_and_the_matrix_stage_refuses_lora():
         == "mixers+attention"
     )
     assert parse_recipe(minimal(name="hidden", trainable={"lora": {"r": 4}})).stages[0].trainable.lora.r == 4
+    assert (
+        "stages.0.attention_lr: it sets the kept attention's lr, which only trainable: mixers+attention "
+        "trains apart from the mixers (got trainable 'blocks')"
+    ) in error_of(minimal(name="logits", trainable="blocks", attention_lr=1e-3))
+    both = minimal(name="logits", trainable="mixers+attention", attention_lr=1e-3)
+    assert parse_recipe(both).stages[0].attention_lr == 1e-3
 
 
 def test_the_lolcats_style_recipe_aligns_the_mixers_then_distils_with_lora():

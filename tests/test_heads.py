@@ -347,6 +347,34 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
+def test_attention_lr_moves_the_kept_heads_at_their_own_lr_and_the_mixers_at_the_stages(tmp_path):
+    from safetensors.torch import load_file
+    from test_distill_support import stage
+
+    from ssmify.distill.run import run_recipe
+
+    steps, lr, attention_lr = 3, 1e-2, 1e-6
+    logits = stage("logits", tokens=384, lr=lr, trainable="mixers+attention", attention_lr=attention_lr)
+    recipe = _head_level_recipe(tmp_path, "0:1,2:0,2:1", [logits])
+    assert run_recipe(recipe)[0]["steps"] == steps
+    start, end = (
+        load_file(tmp_path / "student" / "model.safetensors"),
+        load_file(tmp_path / "run" / "1-logits" / "model.safetensors"),
+    )
+
+    def moved(name: str) -> float:
+        return float((end[name] - start[name]).abs().max())
+
+    # AdamW moves a weight by about lr per step (times weight decay, 0 here): far less at attention_lr
+    for kept in (
+        "model.layers.0.self_attn.attention.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    ):
+        assert 0 < moved(kept) < 10 * steps * attention_lr
+    assert moved("model.layers.0.self_attn.mixer.in_proj.weight") > 100 * steps * attention_lr
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_lora_trains_a_head_level_students_mixer_heads_and_merges_into_a_folder_that_keeps_the_plan(tmp_path):
     from safetensors.torch import load_file
     from test_distill_support import stage

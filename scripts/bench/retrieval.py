@@ -214,7 +214,8 @@ def main() -> None:
     teacher_retrieval = {
         t: {int(n): v for n, v in a.items()} for t, a in results["teacher_retrieval"].items()
     }
-    stage_tokens = {stage["name"]: stage["tokens"] for stage in base["stages"]}
+    # keyed by stage folder (1-matrix, ...): a recipe may hold two stages of one name
+    stage_tokens = {f"{i + 1}-{stage['name']}": stage["tokens"] for i, stage in enumerate(base["stages"])}
     results.update(
         {
             "teacher": str(teacher_dir),

@@ -156,12 +156,35 @@ def fit_deepspeed_config(accelerator: Accelerator, plan: StagePlan) -> None:
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on biases, norms, A_log, D, dt_bias), as nanoGPT does."""
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_scales: dict[int, float] | None = None
+) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms, A_log, D, dt_bias), as nanoGPT does.
+
+    `lr_scales` maps id(parameter) to a multiple of the stage's lr (the kept attention's `attention_lr`);
+    each group carries its `lr_scale`, which the schedule multiplies."""
+    lr_scales = lr_scales or {}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for scale in sorted({1.0, *lr_scales.values()}):  # the order a checkpoint's optimizer state expects
+        params = [p for p in trainable if lr_scales.get(id(p), 1.0) == scale]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    return groups
+
+
+def attention_lr_scales(stage: Stage, student: nn.Module) -> dict[int, float]:
+    """id(parameter) -> attention_lr / lr for the kept attention's parameters; empty without attention_lr."""
+    if stage.attention_lr is None:
+        return {}
+    from ssmify.distill.trainable import kept_attention
+
+    scale = stage.attention_lr / stage.lr
+    return {id(p): scale for module in kept_attention(student) for p in module.parameters()}
 
 
 def train_stage(ctx: StageContext, resume: bool) -> dict:
@@ -180,9 +203,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     trainable_parameters = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     if not trainable_parameters:
         raise SsmifyError(f"stages.{ctx.index}.trainable: {stage.trainable!r} selects no parameters")
-    optimizer = torch.optim.AdamW(
-        param_groups(objective, stage.weight_decay), lr=stage.lr, betas=stage.betas, eps=stage.eps
-    )
+    groups = param_groups(objective, stage.weight_decay, attention_lr_scales(stage, student))
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, eps=stage.eps)
     fit_deepspeed_config(accelerator, plan)
     model, optimizer = accelerator.prepare(objective, optimizer)
     validation = validation_set(ctx.data.validation, stage, plan)
@@ -211,7 +233,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         for step in range(progress["step"], plan.steps):
             lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             loss, grad_norm = train_step(model, objective, teacher, ctx.data.train, step, plan, accelerator)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad = "loss" if not math.isfinite(loss) else "gradient norm"

@@ -233,6 +233,7 @@ class Stage(StrictModel):
     global_batch_tokens: int = Field(gt=0)
     seq_len: int | None = Field(None, ge=2)
     lr: float = Field(gt=0)
+    attention_lr: float | None = Field(None, gt=0)  # trainable: mixers+attention; the kept attention's lr
     schedule: Schedule = Schedule()
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -393,6 +394,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
         if stage.name == "matrix" and stage.trainable != "mixers":
             raise SsmifyError(
                 f"{where}.trainable: the matrix stage trains the mixers only (got {stage.trainable!r})"
+            )
+        if stage.attention_lr is not None and stage.trainable != "mixers+attention":
+            raise SsmifyError(
+                f"{where}.attention_lr: it sets the kept attention's lr, which only trainable: "
+                f"mixers+attention trains apart from the mixers (got trainable {stage.trainable!r})"
             )
         if stage.name == "hidden" and stage.trainable in ("all", "mixers+attention"):
             raise SsmifyError(
