@@ -17,33 +17,16 @@ import json
 import sys
 
 import torch
+from passkey_prompts import passkey_prompts
 from transformers import AutoModelForCausalLM
 
 import ssmify  # noqa: F401  (registers the student classes)
 from ssmify.assets import smollm2_teacher_dir
-from ssmify.convert.lookup import PASSKEY_FACT, encode, filler_tokens, passkey_as_lookup, passkey_sample
 from ssmify.convert.teacher import load_teacher
 
 SAMPLES, LENGTHS, AFTER = 8, (1024, 2048), (4, 8, 12, 16, 18, 20, 24, 29)
 
 teacher, tokenizer = load_teacher(smollm2_teacher_dir(), dtype="float32")
-filler = filler_tokens(tokenizer)
-
-
-def prompts(length: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(ids, scored positions, answers, key positions) for SAMPLES prompts of `length` tokens."""
-    generator = torch.Generator().manual_seed(1)
-    found = []
-    for _ in range(SAMPLES):
-        sample = passkey_sample(length, tokenizer, filler, generator)
-        lookup = passkey_as_lookup(sample)
-        ids = lookup.input_ids.tolist()
-        fact = encode(tokenizer, PASSKEY_FACT.format(key=sample.passkey))
-        start = next(i for i in range(len(ids)) if ids[i : i + len(fact)] == fact)
-        answer = set(sample.answer_ids.tolist())
-        key = torch.tensor([start + j for j, token in enumerate(fact) if token in answer])
-        found.append((lookup.input_ids, lookup.positions, lookup.answers, key))
-    return found
 
 
 def kept_groups(model) -> list[tuple[int, int]]:
@@ -75,7 +58,7 @@ def measure(model, groups: list[tuple[int, int]], length: int) -> dict:
     right = total = 0
     loss = 0.0
     streams = []
-    for ids, positions, answers, key in prompts(length):
+    for ids, positions, answers, key in passkey_prompts(tokenizer, length, SAMPLES):
         current.update(positions=positions, key=key)
         with torch.no_grad():
             out = model(ids[None], output_hidden_states=True)

@@ -11,16 +11,10 @@ Sorted by passkey mass; the groups the circuit plan and the 3-layer plan keep ar
 """
 
 import torch
+from passkey_prompts import passkey_prompts
 
 from ssmify.assets import smollm2_teacher_dir
 from ssmify.convert.head_scores import induction_head_scores, previous_token_scores
-from ssmify.convert.lookup import (
-    PASSKEY_FACT,
-    encode,
-    filler_tokens,
-    passkey_as_lookup,
-    passkey_sample,
-)
 from ssmify.convert.probes import teacher_attention
 from ssmify.convert.teacher import load_teacher
 
@@ -33,21 +27,12 @@ teacher.eval()
 config = teacher.config
 heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
 layers = range(config.num_hidden_layers)
-filler = filler_tokens(tokenizer)
-generator = torch.Generator().manual_seed(1)
 mass = torch.zeros(len(layers), heads)
-for _ in range(SAMPLES):
-    sample = passkey_sample(LENGTH, tokenizer, filler, generator)
-    lookup = passkey_as_lookup(sample)
-    ids = lookup.input_ids.tolist()
-    fact = encode(tokenizer, PASSKEY_FACT.format(key=sample.passkey))
-    start = next(i for i in range(len(ids)) if ids[i : i + len(fact)] == fact)
-    answer = set(sample.answer_ids.tolist())
-    key = torch.tensor([start + j for j, token in enumerate(fact) if token in answer])
+for ids, positions, _, key in passkey_prompts(tokenizer, LENGTH, SAMPLES):
     with torch.no_grad():
-        probes = teacher_attention(teacher, lookup.input_ids[None], layers)
+        probes = teacher_attention(teacher, ids[None], layers)
     for i in layers:
-        rows = probes[i].probs[0][:, lookup.positions]  # (heads, answer positions, L)
+        rows = probes[i].probs[0][:, positions]  # (heads, answer positions, L)
         mass[i] += rows[..., key].sum(-1).mean(-1) / SAMPLES
     del probes
 group = mass.view(len(layers), kv_heads, heads // kv_heads).amax(-1)

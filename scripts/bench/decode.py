@@ -46,12 +46,12 @@ import argparse
 import copy
 import datetime
 import json
-import logging
 import os
 import time
 from pathlib import Path
 
 import torch
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher
 
 LABELS = {
     "teacher": "teacher (KV cache)",
@@ -203,7 +203,7 @@ def profile_decode(model, context: torch.Tensor, steps: int, rows: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny contexts and few tokens: a smoke test")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
+    add_input_args(parser, text=False)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -235,17 +235,14 @@ def main() -> None:
         args.lengths, args.decode_tokens = [32, 64], 4
         args.profile = args.profile and 64
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    from ssmify import assets
+    quiet_offline(args.threads)
     from ssmify.convert import convert
     from ssmify.convert.teacher import load_teacher
     from ssmify.eval.recall import ordinary_tokens
     from ssmify.eval.scan import max_positions
     from ssmify.eval.speed import MEMORY, measure
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
+    teacher_dir = resolve_teacher(args)
     teacher, tokenizer = load_teacher(teacher_dir, dtype="float32")
     models = {
         "teacher": teacher.eval(),

@@ -36,6 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 
 TARGET_OVERHEAD = 0.15
 # The loop's functions whose time is reported separately (module attribute -> part name).
@@ -125,9 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two steps per stage: a smoke test")
     parser.add_argument("--recipe", default="recipes/smollm2-demo.yaml")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps per stage")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="runs/bench/distill-throughput")
@@ -136,23 +135,17 @@ def main() -> None:
     if args.quick:
         args.steps = 2
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    quiet_offline(args.threads)
     import ssmify.distill.loop as loop
     import ssmify.distill.run as run
-    from ssmify import assets
     from ssmify.convert.teacher import load_teacher
     from ssmify.distill.recipe import load_recipe, stage_dir_name
 
     # Each stage runs as a recipe cut after it, resumed: the run warns that its stage list changed.
     logging.getLogger(run.__name__).setLevel(logging.ERROR)
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    if args.train and args.heldout:
-        train, heldout = Path(args.train), Path(args.heldout)
-    else:
-        train, heldout = assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 
 VARIANTS = {
     "seeded+mohawk": ("seeded", ("matrix", "hidden", "logits")),
@@ -177,9 +177,7 @@ def print_tables(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny budget and slice")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument("--plans", type=float, nargs="+", default=[0.5, 0.0], help="keep_attention values")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -209,9 +207,7 @@ def main() -> None:
             QUICK_SETTINGS,
         )
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ssmify import assets
+    quiet_offline()
     from ssmify.convert import convert
     from ssmify.convert.teacher import load_teacher
     from ssmify.distill.recipe import parse_recipe
@@ -219,11 +215,8 @@ def main() -> None:
     from ssmify.distill.students import load_student
     from ssmify.eval.data import load_data
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    if args.train and args.heldout:
-        train, heldout = Path(args.train), Path(args.heldout)
-    else:
-        train, heldout = assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_teacher(teacher_dir, dtype="float32")

@@ -35,7 +35,6 @@ import argparse
 import copy
 import datetime
 import json
-import logging
 import math
 import os
 import shutil
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 from init_ablation import HeldOut
 from retrieval import retention, retrieval_scores
 
@@ -117,9 +117,7 @@ def fmt(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny budgets and slices")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--tokens", type=int, default=8192, help="logits-stage training tokens per config")
     parser.add_argument("--hidden-tokens", type=int, default=8192, help="the shared hidden stage's tokens")
@@ -159,9 +157,7 @@ def main() -> None:
         else (Path(args.out) / "lora" if args.quick else REPO / "docs/bench/lora")
     )
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ssmify import assets
+    quiet_offline()
     from ssmify.convert import convert
     from ssmify.convert.teacher import load_teacher
     from ssmify.distill.recipe import parse_recipe
@@ -170,8 +166,8 @@ def main() -> None:
     from ssmify.eval.data import load_data
     from ssmify.eval.options import EvalOptions
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    train, heldout = (Path(args.train), Path(args.heldout)) if args.train else assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_teacher(teacher_dir, dtype="float32")

@@ -28,8 +28,6 @@ import argparse
 import copy
 import itertools
 import json
-import logging
-import os
 import shutil
 import sys
 import time
@@ -39,6 +37,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 from retrieval import DEMO_RECIPE, retention, retrieval_scores, save_results  # noqa: E402
 
 MIXERS = ("mamba2", "gated_deltanet")
@@ -134,9 +133,7 @@ def print_table(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny budgets and lengths")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument(
         "--recipe", type=Path, default=DEMO_RECIPE, help="stages to train (default: the demo's)"
     )
@@ -171,9 +168,7 @@ def main() -> None:
         args.tokens, args.layer_choice, args.lengths, args.samples = 1, "even", [128], 2
         args.eval_tokens, args.eval_seq_len, args.decode_context, args.decode_tokens = 256, 64, 64, 2
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ssmify import assets
+    quiet_offline()
     from ssmify.convert import convert, mixer_layers
     from ssmify.convert.convert import check_lean_options
     from ssmify.convert.teacher import load_teacher
@@ -194,8 +189,8 @@ def main() -> None:
     except SsmifyError as error:
         parser.error(str(error))
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    train, heldout = (Path(args.train), Path(args.heldout)) if args.train else assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(args.recipe.read_text())

@@ -36,7 +36,6 @@ import argparse
 import copy
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 
 CHOICES = ("even", "sensitive", "kl", "retrieval", "auto")
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-demo.yaml"
@@ -140,9 +140,7 @@ def print_table(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny budget, one run")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument(
         "--recipe", type=Path, default=DEMO_RECIPE, help="stages to train (default: the demo's)"
     )
@@ -180,9 +178,7 @@ def main() -> None:
         args.plans, args.choices, args.synthetic, args.seeds = args.plans[:1], ["retrieval"], [0.5], [0]
         args.lengths, args.samples, args.eval_tokens, args.eval_seq_len = [128], 2, 256, 64
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ssmify import assets
+    quiet_offline()
     from ssmify.convert import convert
     from ssmify.convert.teacher import load_teacher
     from ssmify.distill.recipe import parse_recipe, stage_dir_name
@@ -192,8 +188,8 @@ def main() -> None:
     from ssmify.eval.options import EvalOptions
     from ssmify.eval.scan import scan_windows
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    train, heldout = (Path(args.train), Path(args.heldout)) if args.train else assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(args.recipe.read_text())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 
 TARGET = 0.10
 
@@ -70,9 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run: a smoke test")
     parser.add_argument("--recipe", default="recipes/smollm2-demo.yaml")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument("--tokens", type=int, default=16384, help="training tokens of the stage")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="runs/bench/stream-resume")
@@ -81,18 +79,12 @@ def main() -> None:
     if args.quick:
         args.tokens = 1280
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    from ssmify import assets
+    quiet_offline(args.threads)
     from ssmify.assets.corpus import read_documents
     from ssmify.distill.data import StreamedBlocks
 
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    if args.train and args.heldout:
-        train, heldout = Path(args.train), Path(args.heldout)
-    else:
-        train, heldout = assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
 
 TARGET_SPEEDUP = 1.8
 TARGET_KL = 0.05
@@ -97,9 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run: a smoke test")
     parser.add_argument("--recipe", default="recipes/smollm2-demo.yaml")
-    parser.add_argument("--teacher", help="teacher folder (default: SmolLM2-135M-Instruct via ssmify.assets)")
-    parser.add_argument("--train", help="training text (default: the Wikipedia train split)")
-    parser.add_argument("--heldout", help="held-out text (default: the Wikipedia held-out split)")
+    add_input_args(parser)
     parser.add_argument("--tokens", type=int, default=32768, help="training tokens of the logits stage")
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--disk-k", default="16,64,256", help="the K values whose disk cost is measured")
@@ -111,10 +109,7 @@ def main() -> None:
     if args.quick:
         args.tokens, args.heldout_blocks, args.disk_k = 2048, 2, "16,64"  # the tiny vocabulary is 128
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    from ssmify import assets
+    quiet_offline(args.threads)
     from ssmify.convert.student import register
     from ssmify.convert.teacher import load_teacher
     from ssmify.distill.data import load_data
@@ -122,11 +117,8 @@ def main() -> None:
     from ssmify.distill.teacher_cache import build_teacher_cache
 
     register()
-    teacher_dir = Path(args.teacher) if args.teacher else assets.smollm2_teacher_dir()
-    if args.train and args.heldout:
-        train, heldout = Path(args.train), Path(args.heldout)
-    else:
-        train, heldout = assets.wikipedia_text()
+    teacher_dir = resolve_teacher(args)
+    train, heldout = resolve_text(args, parser)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
