@@ -167,6 +167,23 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(workspace, 
     assert max_difference(reference, weights(workspace / "student")) > 1e-3  # it did train
 
 
+def test_each_stage_trains_on_its_own_synthetic_fraction(workspace, tmp_path, monkeypatch):
+    seen = []
+    load_data = run_module.load_data
+
+    def recording(config, tokenizer, seq_len, seed):
+        seen.append(config.synthetic)
+        return load_data(config, tokenizer, seq_len, seed)
+
+    monkeypatch.setattr(run_module, "load_data", recording)
+    stages = [stage("logits", tokens=128), stage("logits", tokens=128, synthetic_fraction=0.5)]
+    stages.append(stage("logits", tokens=128, synthetic_fraction=0.0))
+    raw = recipe_dict(workspace, stages, output_dir=str(tmp_path / "run"))
+    raw["data"]["synthetic"] = {"fraction": 0.1, "kinds": ["kv"]}
+    run_recipe(parse_recipe(raw))
+    assert [(s.fraction, s.kinds) for s in seen] == [(0.1, ["kv"]), (0.5, ["kv"]), (0.0, ["kv"])]
+
+
 def test_a_streamed_stage_resumes_from_the_stream_position_in_its_checkpoint(
     workspace, tmp_path, monkeypatch
 ):

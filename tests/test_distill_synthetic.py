@@ -8,7 +8,7 @@ from test_distill_support import char_tokenizer, recipe_dict, stage, write_corpu
 
 from ssmify.convert.lookup import INDUCTION_RUN, PASSKEY_QUESTION
 from ssmify.distill.data import PackedBlocks, load_data
-from ssmify.distill.recipe import DataConfig, SyntheticConfig, parse_recipe
+from ssmify.distill.recipe import DataConfig, SyntheticConfig, parse_recipe, stage_data
 from ssmify.distill.synthetic import SyntheticBlocks
 from ssmify.errors import SsmifyError
 
@@ -130,3 +130,35 @@ def test_a_valid_synthetic_section_parses_with_every_kind_by_default(tmp_path):
     assert parse_recipe(raw).data.synthetic == SyntheticConfig(
         fraction=0.1, kinds=["induction", "kv", "passkey"]
     )
+
+
+def test_a_stage_fraction_replaces_the_data_sections_and_turns_lookups_on_or_off(corpus, tmp_path, tokenizer):
+    raw = recipe_dict(tmp_path, [stage("logits"), stage("logits", synthetic_fraction=0.4)])
+    raw["data"] = config(corpus, tmp_path, seq_len=32).model_dump()
+    recipe = parse_recipe(raw)
+    assert stage_data(recipe, recipe.stages[0]).synthetic is None
+    own = stage_data(recipe, recipe.stages[1])
+    assert own.synthetic == SyntheticConfig(fraction=0.4, kinds=["induction", "kv", "passkey"])
+    assert recipe.data.synthetic is None  # the recipe itself is left as it was
+    blocks = load_data(own, tokenizer, SEQ_LEN, 0).train
+    kinds = [blocks.draw(g)[0] for g in range(10_000)]
+    assert kinds.count(None) / len(kinds) == pytest.approx(0.6, abs=0.02)
+
+    raw["data"]["synthetic"] = {"fraction": 0.3, "kinds": ["kv"]}
+    raw["stages"][1]["synthetic_fraction"] = 0.0
+    recipe = parse_recipe(raw)
+    assert isinstance(
+        load_data(stage_data(recipe, recipe.stages[1]), tokenizer, SEQ_LEN, 0).train, PackedBlocks
+    )
+    assert isinstance(
+        load_data(stage_data(recipe, recipe.stages[0]), tokenizer, SEQ_LEN, 0).train, SyntheticBlocks
+    )
+
+
+def test_a_stage_fraction_of_one_or_more_stops_with_one_line_naming_the_field(tmp_path):
+    raw = recipe_dict(tmp_path, [stage("logits", synthetic_fraction=1.0)])
+    with pytest.raises(
+        SsmifyError, match=r"stages\.0\.synthetic_fraction: Input should be less than 1"
+    ) as err:
+        parse_recipe(raw)
+    assert "\n" not in str(err.value)

@@ -232,6 +232,7 @@ class Stage(StrictModel):
     micro_batch_size: int = Field(1, ge=1)
     global_batch_tokens: int = Field(gt=0)
     seq_len: int | None = Field(None, ge=2)
+    synthetic_fraction: float | None = Field(None, ge=0, lt=1)  # in place of data.synthetic.fraction
     lr: float = Field(gt=0)
     attention_lr: float | None = Field(None, gt=0)  # trainable: mixers+attention; the kept attention's lr
     schedule: Schedule = Schedule()
@@ -298,6 +299,18 @@ class Recipe(StrictModel):
 def stage_seq_len(recipe: Recipe, stage: Stage) -> int:
     """The sequence length a stage trains on: its own, else the data section's."""
     return stage.seq_len if stage.seq_len is not None else recipe.data.seq_len
+
+
+def stage_data(recipe: Recipe, stage: Stage) -> DataConfig:
+    """The data section a stage trains on: the recipe's, with the stage's own synthetic_fraction if it sets one.
+
+    A long-context stage may want more lookup sequences than the short ones before it (or none): its
+    fraction replaces data.synthetic.fraction, with data.synthetic's kinds (all kinds when it has none)."""
+    if stage.synthetic_fraction is None:
+        return recipe.data
+    synthetic = recipe.data.synthetic or SyntheticConfig(fraction=0.0)
+    synthetic = synthetic.model_copy(update={"fraction": stage.synthetic_fraction})
+    return recipe.data.model_copy(update={"synthetic": synthetic})
 
 
 def stage_dir_name(index: int, stage: Stage) -> str:

@@ -30,7 +30,7 @@ from ssmify.convert.teacher import load_teacher
 from ssmify.distill.data import check_data_files, load_data
 from ssmify.distill.loop import SUMMARY_FILE, StageContext, plan_stage, train_stage
 from ssmify.distill.lora import check_lora_stages
-from ssmify.distill.recipe import Recipe, stage_dir_name, stage_seq_len
+from ssmify.distill.recipe import Recipe, stage_data, stage_dir_name, stage_seq_len
 from ssmify.distill.sharding import shard_teacher
 from ssmify.distill.state import distributed_state
 from ssmify.distill.students import check_vocabulary
@@ -98,7 +98,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> lis
 
     for index in range(first_open, len(recipe.stages)):
         stage = recipe.stages[index]
-        data = load_data(recipe.data, tokenizer, stage_seq_len(recipe, stage), recipe.seed)
+        data = load_data(stage_data(recipe, stage), tokenizer, stage_seq_len(recipe, stage), recipe.seed)
         ctx = StageContext(recipe, index, teacher, tokenizer, start, out, data)
         summaries.append(train_stage(ctx, resume))
         start = stage_dirs[index]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
 from ssmify.distill.objectives.logits import TopKTargets, top_k_targets
-from ssmify.distill.recipe import LossConfig, Recipe, stage_seq_len
+from ssmify.distill.recipe import LossConfig, Recipe, stage_data, stage_seq_len
 from ssmify.errors import SsmifyError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def stage_pins(recipe: Recipe, index: int, tokenizer: Any, teacher_dtype: str) -
     from ssmify.distill.data import tokenizer_fingerprint
 
     stage = recipe.stages[index]
-    data = recipe.data.model_dump(mode="json")
+    data = stage_data(recipe, stage).model_dump(mode="json")
     data.pop("cache_dir")  # where tokens are cached, not what they are
     return {
         "data": data,
@@ -236,7 +236,7 @@ def build_teacher_cache(
         global_batch_tokens=stage.global_batch_tokens,
         micro_batch_size=stage.micro_batch_size,
     )
-    data = load_data(recipe.data, tokenizer, plan.seq_len, recipe.seed)
+    data = load_data(stage_data(recipe, stage), tokenizer, plan.seq_len, recipe.seed)
     temperature, torch_dtype, batch = pins["temperature"], DTYPES[dtype], stage.micro_batch_size
     if manifest["validation"] is None:
         blocks = data.validation.first(max(stage.eval_tokens // plan.seq_len, 1))
