@@ -18,7 +18,7 @@ from ssmify.convert.lookup import PASSKEY_QUESTION, induction_sample, passkey_sa
 from ssmify.errors import SsmifyError
 from ssmify.eval.data import EvalData
 from ssmify.eval.options import EvalOptions
-from ssmify.eval.retrieval import induction, passkey, summarize
+from ssmify.eval.retrieval import induction, passkey, passkey_answered, summarize
 from ssmify.eval.tasks import parse_tasks, run_tasks
 
 OPTIONS = EvalOptions(lengths=(96, 160), samples=4, progress=False)
@@ -114,6 +114,21 @@ def test_passkey_scores_the_generated_text():
     sample = passkey_sample(128, tokenizer, [5, 6], torch.Generator().manual_seed(0))
     assert tokenizer.decode(sample.prompt_ids).endswith(PASSKEY_QUESTION)
     assert len(sample.prompt_ids) == 128
+
+
+@pytest.mark.parametrize(
+    ("text", "right"),
+    [
+        (" 42111. Remember", True),
+        ("42111", True),
+        (" 4211111", False),  # looped on the repeated digit: contains the key, but is not it
+        (" 4211. The", False),  # stopped a digit early
+        (" 1 42111", False),  # the first number answers
+        (" The sun", False),
+    ],
+)
+def test_a_passkey_is_answered_only_when_the_first_number_is_the_key(text, right):
+    assert passkey_answered("42111", text) is right
 
 
 def test_retention_leaves_out_lengths_where_the_teacher_fails():

@@ -8,7 +8,7 @@ samples of `ssmify.convert.lookup`, the same samples for student and teacher at 
 - `induction`: a planted run of random words, repeated at the end; accuracy is the share of the
   second copy's tokens predicted exactly (greedy argmax, each given the true tokens before it).
 - `passkey`: a 5-digit passkey hidden in filler, asked at the end; a sample is right when the greedy
-  *generated* continuation contains the passkey (exact match, not log-likelihood).
+  *generated* continuation's first number is the passkey (exact match, not log-likelihood).
 - `recall` (`ssmify.eval.recall`): multi-query key-value recall.
 
 Retention is student accuracy / teacher accuracy. It means something only where the teacher passes,
@@ -20,6 +20,7 @@ meaningful points (per length, and over all lengths).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 import torch
@@ -203,6 +204,16 @@ def generate_passkey(model: PreTrainedModel, sample: PasskeySample) -> torch.Ten
     return out[0, prompt.shape[1] :]
 
 
+def passkey_answered(passkey: str, text: str) -> bool:
+    """Whether the generated answer's first number is the passkey: `4211111` does not answer 42111.
+
+    A substring test would count an answer that runs on past the key (a student looping on a repeated
+    digit) as right, and one that stops a digit early as wrong only by luck of the next tokens.
+    """
+    first = re.search(r"\d+", text)
+    return first is not None and first.group() == passkey
+
+
 def passkey(
     model: PreTrainedModel,
     teacher: PreTrainedModel | None = None,
@@ -223,6 +234,6 @@ def passkey(
 
     def score(scored: PreTrainedModel, samples: list[PasskeySample]) -> tuple[int, int]:
         texts = [tokenizer.decode(generate_passkey(scored, s), skip_special_tokens=True) for s in samples]
-        return sum(s.passkey in text for s, text in zip(samples, texts)), len(samples)
+        return sum(passkey_answered(s.passkey, text) for s, text in zip(samples, texts)), len(samples)
 
     return _over_lengths("passkey", model, teacher, options, make, score, passkey_overhead(tokenizer) + 1)
