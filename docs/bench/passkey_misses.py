@@ -1,7 +1,7 @@
 """Which passkey samples a student misses: the 16 scored samples per length of `heads_rescore.py`, one line each.
 
 `heads_rescore.py` gives one accuracy per length. This rebuilds the same samples (the evaluator's seed, the
-lengths in the same order, so the generator draws the same prompts) and prints, for every sample at 2,048 tokens, how far
+lengths in the same order, so the generator draws the same prompts) and prints, for every sample, how far
 the passkey sits from the question (tokens from the fact to the end of the prompt), and the teacher's and each
 student's greedy answer, so that misses can be read against the distance.
 
@@ -20,7 +20,7 @@ from ssmify.convert.teacher import load_teacher
 from ssmify.eval.options import EvalOptions
 from ssmify.eval.retrieval import generate_passkey, passkey_answered
 
-SAMPLES, LENGTHS, SHOWN = 16, (1024, 2048), 2048  # the 1k samples are drawn (in order) but not run
+SAMPLES, LENGTHS = 16, (1024, 2048)
 
 
 def distance(sample) -> int:
@@ -42,8 +42,6 @@ generator = torch.Generator().manual_seed(EvalOptions().seed)
 filler = filler_tokens(tokenizer)
 for length in LENGTHS:
     samples = [passkey_sample(length, tokenizer, filler, generator) for _ in range(SAMPLES)]
-    if length != SHOWN:
-        continue
     print(f"length {length}: distance, passkey, then per model: hit (1/0) and answer", flush=True)
     rows = sorted(samples, key=distance)
     with torch.no_grad():
