@@ -207,8 +207,8 @@ def generate_passkey(model: PreTrainedModel, sample: PasskeySample) -> torch.Ten
 def passkey_answered(passkey: str, text: str) -> bool:
     """Whether the generated answer's first number is the passkey: `4211111` does not answer 42111.
 
-    A substring test would count an answer that runs on past the key (a student looping on a repeated
-    digit) as right, and one that stops a digit early as wrong only by luck of the next tokens.
+    A substring test counts an answer that runs on past the key as right: a student that loops on a
+    repeated digit writes `4211111`, which contains 42111.
     """
     first = re.search(r"\d+", text)
     return first is not None and first.group() == passkey
