@@ -43,7 +43,8 @@ filler = filler_tokens(tokenizer)
 for length in LENGTHS:
     samples = [passkey_sample(length, tokenizer, filler, generator) for _ in range(SAMPLES)]
     print(f"length {length}: distance, passkey, then per model: hit (1/0) and answer", flush=True)
-    rows = sorted(samples, key=distance)
+    far = {id(s): distance(s) for s in samples}
+    rows = sorted(samples, key=lambda s: far[id(s)])
     with torch.no_grad():
         answers = {
             name: [
@@ -56,7 +57,7 @@ for length in LENGTHS:
             f"{int(passkey_answered(sample.passkey, answers[name][i]))} {answers[name][i]!r}"
             for name in models
         ]
-        print(f"{distance(sample):5d} {sample.passkey} | " + " | ".join(cells), flush=True)
+        print(f"{far[id(sample)]:5d} {sample.passkey} | " + " | ".join(cells), flush=True)
     for name in models:
         hits = sum(passkey_answered(s.passkey, a) for s, a in zip(rows, answers[name]))
         print(f"  {name}: {hits}/{len(rows)}", flush=True)
