@@ -14,6 +14,7 @@ from ssmify.convert.student import mixer_layers
 from ssmify.distill.objectives import build_objective, trained_student
 from ssmify.distill.objectives.logits import LogitsObjective, kd_loss
 from ssmify.distill.recipe import LossConfig, Stage
+from ssmify.errors import SsmifyError
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,34 @@ def test_mixers_and_attention_trains_the_kept_heads_and_whole_attention_layers_n
         before = student.model.layers[1].self_attn.attention.q_proj.weight.clone()
     train(objective, teacher, lr=3e-3, steps=2)
     assert not torch.equal(student.model.layers[1].self_attn.attention.q_proj.weight, before)
+
+
+def test_trainable_attention_trains_the_kept_heads_and_leaves_the_mixers_as_they_were():
+    teacher = tiny_model("llama", seed=0)
+    student = convert(teacher, tokenizer=char_tokenizer(), attention_heads="1:0,3:all")
+    objective = build_objective(make_stage("logits", trainable="attention"), student)
+    names = trainable_names(student)
+    assert {
+        "model.layers.1.self_attn.attention.q_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.3.self_attn.q_proj.weight",
+    } <= names
+    assert not any(".mixer." in n or ".mlp." in n for n in names)
+    with torch.no_grad():
+        before = {n: p.clone() for n, p in student.named_parameters()}
+    train(objective, teacher, lr=3e-3, steps=2)
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert "model.layers.1.self_attn.attention.q_proj.weight" in moved and moved <= names
+
+
+def test_trainable_attention_on_a_student_that_keeps_none_says_to_train_the_mixers():
+    student = convert(tiny_model("llama", seed=0), tokenizer=char_tokenizer(), keep_attention=0)
+    with pytest.raises(
+        SsmifyError,
+        match=r"^stages\.0\.trainable: 'attention' trains the kept attention, "
+        r"and this student keeps none; use mixers$",
+    ):
+        build_objective(make_stage("logits", trainable="attention"), student, "stages.0.trainable")
 
 
 def test_logits_stage_with_mixers_lowers_the_kl(pair):

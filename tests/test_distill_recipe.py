@@ -279,6 +279,9 @@ def test_lora_settings_are_checked_and_the_matrix_stage_refuses_lora():
         in error_of(minimal(name="hidden", trainable="all"))
     )
     assert "(got 'mixers+attention')" in error_of(minimal(name="hidden", trainable="mixers+attention"))
+    assert "(got 'attention')" in error_of(minimal(name="hidden", trainable="attention"))
+    assert "(got 'attention')" in error_of(minimal(name="matrix", trainable="attention"))
+    assert parse_recipe(minimal(name="logits", trainable="attention")).stages[0].trainable == "attention"
     assert (
         parse_recipe(minimal(name="logits", trainable="mixers+attention")).stages[0].trainable
         == "mixers+attention"

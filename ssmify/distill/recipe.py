@@ -207,7 +207,7 @@ def _trainable_kind(value: Any) -> str:
 
 
 Trainable = Annotated[
-    Annotated[Literal["mixers", "mixers+attention", "blocks", "all"], Tag("named-set")]
+    Annotated[Literal["mixers", "mixers+attention", "attention", "blocks", "all"], Tag("named-set")]
     | Annotated[LoraTrainable, Tag("lora-adapter")],
     Discriminator(_trainable_kind),
 ]
@@ -413,7 +413,7 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 f"{where}.attention_lr: it sets the kept attention's lr, which only trainable: "
                 f"mixers+attention trains apart from the mixers (got trainable {stage.trainable!r})"
             )
-        if stage.name == "hidden" and stage.trainable in ("all", "mixers+attention"):
+        if stage.name == "hidden" and stage.trainable in ("all", "mixers+attention", "attention"):
             raise SsmifyError(
                 f"{where}.trainable: the hidden stage trains mixers, blocks or LoRA adapters "
                 f"(got {stage.trainable!r})"

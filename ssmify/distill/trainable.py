@@ -1,5 +1,5 @@
-"""Which parameters a stage trains: the mixers, the mixers and the attention kept beside them, the converted
-blocks, everything, or LoRA adapters (peft)."""
+"""Which parameters a stage trains: the mixers, the mixers and the attention kept beside them, the kept
+attention alone, the converted blocks, everything, or LoRA adapters (peft)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,17 @@ def apply_trainable(
         return student
     if trainable == "mixers+attention":
         for module in [*converted_mixers(student).values(), *kept_attention(student)]:
+            module.requires_grad_(True)
+        return student
+    if trainable == "attention":
+        # The kept heads alone, the mixers frozen: a stage that should move where the kept heads look (a key
+        # far back, say) without refitting the mixers, which carry most of the perplexity.
+        kept = kept_attention(student)
+        if not kept:
+            raise SsmifyError(
+                f"{where}: 'attention' trains the kept attention, and this student keeps none; use mixers"
+            )
+        for module in kept:
             module.requires_grad_(True)
         return student
     if trainable == "blocks":
