@@ -8,18 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_sessionstart(session):
-    """Under pytest-xdist (`make test` runs two workers) the controller builds the shared assets, the SmolLM2
-    folder and the Wikipedia split, before any worker starts: on a fresh machine two workers would otherwise
-    both build them and one would replace the folder the other is reading."""
-    config = session.config
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        from ssmify.assets import smollm2_teacher_dir, wikipedia_text
-
-        smollm2_teacher_dir()
-        wikipedia_text()
-
-
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spin-wait on

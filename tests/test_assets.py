@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,45 @@ def test_wikipedia_split_is_deterministic_and_cached(wiki, tmp_path, monkeypatch
 
     monkeypatch.setattr(corpus, "_read_dump_articles", no_rebuild)
     assert wikipedia_text(tmp_path) == again
+
+
+def test_a_second_process_waits_for_the_first_ones_build_and_then_reuses_it(tmp_path):
+    # Each process takes the build lock of one asset, logs entering, holds it a while, logs leaving; a second
+    # build started while the first holds the lock must wait, so the two never interleave.
+    script = (
+        "import sys, time; from pathlib import Path; from ssmify.assets.cache import build_lock\n"
+        "log = Path(sys.argv[1])\n"
+        "with build_lock(log.parent / 'asset'):\n"
+        "    with log.open('a') as f: f.write(f'in {sys.argv[2]}\\n')\n"
+        "    time.sleep(1.0)\n"
+        "    with log.open('a') as f: f.write(f'out {sys.argv[2]}\\n')\n"
+    )
+    log = tmp_path / "log.txt"
+    first = subprocess.Popen([sys.executable, "-c", script, str(log), "a"])
+    while not log.is_file():
+        time.sleep(0.01)
+    second = subprocess.Popen([sys.executable, "-c", script, str(log), "b"])
+    assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+    assert log.read_text().split("\n") == ["in a", "out a", "in b", "out b", ""]
+
+
+def test_wikipedia_text_built_by_another_process_while_waiting_is_not_built_again(
+    wiki, tmp_path, monkeypatch
+):
+    folder = tmp_path / "wikipedia" / f"v{corpus.WIKI_FORMAT_VERSION}-heldout0.1"
+    folder.mkdir(parents=True)
+    real_lock = corpus.build_lock
+
+    @contextmanager
+    def lock_while_another_builds(target):
+        with real_lock(target):  # the other process finished its build just before this one got the lock
+            for name, built in (("train.txt", wiki[0]), ("heldout.txt", wiki[1])):
+                (folder / name).write_bytes(built.read_bytes())
+            yield
+
+    monkeypatch.setattr(corpus, "build_lock", lock_while_another_builds)
+    monkeypatch.setattr(corpus, "_read_dump_articles", lambda: pytest.fail("built again"))
+    assert wikipedia_text(tmp_path) == (folder / "train.txt", folder / "heldout.txt")
 
 
 def test_wikipedia_heldout_fraction_changes_the_split(wiki, tmp_path):

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from ssmify.assets.cache import cache_root
+from ssmify.assets.cache import build_lock, cache_root
 from ssmify.assets.cleaner import clean_wikitext
 from ssmify.atomic import atomic_directory
 from ssmify.errors import SsmifyError
@@ -43,7 +43,14 @@ def wikipedia_text(
     if train.is_file() and heldout.is_file():
         log.info("Wikipedia text: using the cached split in %s", folder)
         return train, heldout
+    with build_lock(folder):
+        if not (train.is_file() and heldout.is_file()):  # else another process built it while this one waited
+            _write_split(folder, heldout_fraction)
+    return train, heldout
 
+
+def _write_split(folder: Path, heldout_fraction: float) -> None:
+    """Clean the dump's articles and write them, split by a hash of their titles, into `folder`."""
     articles = [(title, clean_wikitext(raw)) for title, raw in _read_dump_articles()]
     articles = [(title, body) for title, body in articles if len(body) >= 500]
     ranked = sorted(articles, key=lambda item: hashlib.sha256(item[0].encode()).hexdigest())
@@ -63,7 +70,6 @@ def wikipedia_text(
         len(in_order["heldout.txt"]),
         folder,
     )
-    return train, heldout
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

