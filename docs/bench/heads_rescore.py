@@ -4,7 +4,9 @@ With 4 samples a passkey point moves in steps of 0.25, so one sample decides bet
 docs/benchmarks.md section 13. This scores the kept students again with `ssmify.eval.retrieval` on 16
 seeded samples per task and length (the evaluator's default seed; the lengths draw in turn from one
 generator, so these are not the bench's 4 samples and 12 more), the teacher once on the same samples, and prints accuracy, retention per length and the overall retention
-(the points where the teacher scores at least 50%), one JSON line per student.
+(the points where the teacher scores at least 50%), one JSON line per student. It also prints held-out
+perplexity on the bench's slice (the first 4,096 held-out tokens in 512-token windows), so that a stage
+folder the bench does not score (the one before a last stage, say) can be compared with its rows.
 
     B=runs/bench
     OMP_NUM_THREADS=2 .venv/bin/python docs/bench/heads_rescore.py $B/heads_attn/heads9/hand-2cc6ee/synthetic10/seed0/3-logits \
@@ -19,14 +21,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ssmify  # noqa: F401  (registers the student classes)
-from ssmify.assets import smollm2_teacher_dir
+from ssmify.assets import smollm2_teacher_dir, wikipedia_text
 from ssmify.convert.teacher import load_teacher
-from ssmify.eval.data import EvalData
+from ssmify.eval.data import EvalData, load_data
 from ssmify.eval.options import EvalOptions
 from ssmify.eval.retrieval import against_teacher, induction, passkey, summarize
+from ssmify.eval.scan import scan_windows
 
 SAMPLES, LENGTHS = 16, (1024, 2048)
 options = EvalOptions(lengths=LENGTHS, samples=SAMPLES, progress=False)
+
+
+def perplexity(model, windows: torch.Tensor) -> float:
+    """Held-out perplexity on the bench's slice, as scripts/bench/retrieval.py computes it."""
+    sums = scan_windows(model, windows, None, 4, agreement=False, progress=False)
+    return round(float(torch.tensor(sums.nll / sums.tokens).exp()), 3)
 
 
 def scores(model, data: EvalData) -> dict:
@@ -39,22 +48,30 @@ def scores(model, data: EvalData) -> dict:
 
 teacher, tokenizer = load_teacher(smollm2_teacher_dir(), dtype="float32")
 data = EvalData(tokenizer)
+windows = load_data([str(wikipedia_text()[1])], tokenizer, 512, max_tokens=4096).windows
 with torch.no_grad():
     reference = scores(teacher, data)
+    teacher_perplexity = perplexity(teacher, windows)
 print(
     json.dumps(
-        {"teacher": {t: {p["length"]: p["accuracy"] for p in r["points"]} for t, r in reference.items()}}
+        {
+            "teacher": {t: {p["length"]: p["accuracy"] for p in r["points"]} for t, r in reference.items()},
+            "perplexity": teacher_perplexity,
+        }
     ),
     flush=True,
 )
 for path in sys.argv[1:]:
     student = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        student_perplexity = perplexity(student, windows)
     merged = against_teacher(scores(student, data), reference)
     summary = summarize(merged)
     print(
         json.dumps(
             {
                 "student": path,
+                "perplexity x teacher": round(student_perplexity / teacher_perplexity, 3),
                 "accuracy": {
                     t: {p["length"]: round(p["accuracy"], 3) for p in r["points"]} for t, r in merged.items()
                 },
