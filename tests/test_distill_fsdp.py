@@ -74,7 +74,9 @@ def fsdp_recipe(workspace: Path, out: Path) -> dict:
         stage("hidden", lr=1e-3),  # trains the mixers inside whole blocks: frozen weights in each FSDP unit
         stage("logits", lr=1e-3, trainable="all"),
     ]
-    return recipe_dict(workspace, stages, output_dir=str(out), teacher_sharding="fsdp")
+    return recipe_dict(
+        workspace, stages, output_dir=str(out), teacher_sharding="fsdp", keep_finished_checkpoints=True
+    )
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]

@@ -63,7 +63,10 @@ def workspace(tmp_path_factory) -> Path:
 def lora_run(workspace) -> Path:
     """One uninterrupted hidden + logits run with LoRA (dropout in the logits stage)."""
     out = workspace / "lora-run"
-    run_recipe(parse_recipe(recipe_dict(workspace, lora_stages(dropout=0.1), output_dir=str(out))))
+    raw = recipe_dict(
+        workspace, lora_stages(dropout=0.1), output_dir=str(out), keep_finished_checkpoints=True
+    )
+    run_recipe(parse_recipe(raw))
     return out
 
 
@@ -167,7 +170,9 @@ def test_a_lora_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(
     checkpoint = load_file(str(stage_dir / "checkpoints" / "step-2" / "model.safetensors"))
     assert any("lora_A" in key for key in checkpoint)  # the adapters are in the checkpoint
 
-    raw = recipe_dict(workspace, lora_stages(dropout=0.1), output_dir=str(out))
+    raw = recipe_dict(
+        workspace, lora_stages(dropout=0.1), output_dir=str(out), keep_finished_checkpoints=True
+    )
     run_recipe(parse_recipe(raw), resume=True)
     for name in STAGE_DIRS:
         assert max_difference(weights(out / name), weights(lora_run / name)) <= 1e-6

@@ -76,7 +76,13 @@ def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkey
     stages[1]["lr"] = 1e-9  # hidden barely moves, so its output must equal its input: the matrix stage's
     stages[2].update(tokens=768, eval_every=2)
     recipe = parse_recipe(
-        recipe_dict(workspace, stages, output_dir=str(tmp_path / "run"), keep_checkpoints=1)
+        recipe_dict(
+            workspace,
+            stages,
+            output_dir=str(tmp_path / "run"),
+            keep_checkpoints=1,
+            keep_finished_checkpoints=True,
+        )
     )
     summaries = run_recipe(recipe)
 
@@ -113,6 +119,35 @@ def test_three_stages_chain_through_loadable_folders(workspace, tmp_path, monkey
     assert run_recipe(recipe, resume=True) == summaries
     with pytest.raises(SsmifyError, match="already holds a run; pass --resume"):
         run_recipe(recipe)
+
+
+def test_a_finished_stage_drops_its_checkpoints_and_a_resume_drops_a_killed_cleanups_leftovers(
+    workspace, tmp_path, monkeypatch
+):
+    written = []
+    save_checkpoint = loop_module.save_checkpoint
+
+    def recorded(accelerator, root, step, progress, keep):
+        written.append(save_checkpoint(accelerator, root, step, progress, keep))
+        return written[-1]
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", recorded)
+    raw = recipe_dict(
+        workspace, [stage("logits", tokens=128 * 6, checkpoint_every=2)], output_dir=str(tmp_path)
+    )
+    recipe = parse_recipe(raw)
+    run_recipe(recipe)
+    stage_dir = tmp_path / "1-logits"
+    assert [p.name for p in written] == ["step-2", "step-4"]
+    assert sorted(p.name for p in stage_dir.iterdir() if "checkpoints" in p.name) == []
+    trained = weights(stage_dir)
+
+    # a kill after the summary was written, in the middle of the cleanup, leaves both of these behind
+    (stage_dir / "checkpoints" / "step-4").mkdir(parents=True)
+    (stage_dir / ".trash-checkpoints" / "step-2").mkdir(parents=True)
+    run_recipe(recipe, resume=True)
+    assert sorted(p.name for p in stage_dir.iterdir() if "checkpoints" in p.name) == []
+    assert all(torch.equal(trained[k], v) for k, v in weights(stage_dir).items())
 
 
 def streamed_train(workspace: Path) -> list[dict]:

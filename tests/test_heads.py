@@ -286,7 +286,7 @@ def test_bad_head_budgets_get_one_line_errors(teacher):
         ssmify.convert(tiny_model("gpt2"), keep_heads=2)
 
 
-def _head_level_recipe(tmp_path, heads: str, stages: list[dict]):
+def _head_level_recipe(tmp_path, heads: str, stages: list[dict], **fields):
     """A tiny teacher, its student converted with `--attention-heads heads`, a corpus, and the parsed recipe
     of `stages` writing to tmp_path / "run"."""
     from test_distill_support import convert_student, recipe_dict, write_corpus, write_teacher
@@ -297,7 +297,7 @@ def _head_level_recipe(tmp_path, heads: str, stages: list[dict]):
     convert_student(tmp_path / "teacher", tmp_path / "student", keep_attention=None, attention_heads=heads)
     write_corpus(tmp_path / "train.txt", 30, seed=0)
     write_corpus(tmp_path / "held.txt", 4, seed=1)
-    return parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run")))
+    return parse_recipe(recipe_dict(tmp_path, stages, output_dir=str(tmp_path / "run"), **fields))
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
@@ -312,7 +312,7 @@ def test_distill_stages_train_the_mixer_heads_keep_the_kept_heads_and_resume(tmp
         stage("hidden", tokens=256),
         stage("logits", tokens=384, checkpoint_every=1),
     ]
-    recipe = _head_level_recipe(tmp_path, "0:1,2:0,2:1", stages)
+    recipe = _head_level_recipe(tmp_path, "0:1,2:0,2:1", stages, keep_finished_checkpoints=True)
     summaries = run_recipe(recipe)
 
     start, end = (

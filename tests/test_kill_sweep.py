@@ -52,7 +52,9 @@ def workspace(tmp_path_factory) -> Path:
 def one_stage(workspace: Path, out: Path, keep: int = 2) -> dict:
     """Six steps, checkpoints after steps 2 and 4 (none after the last)."""
     stages = [stage("logits", lr=1e-3, tokens=128 * 6, checkpoint_every=2)]
-    return recipe_dict(workspace, stages, output_dir=str(out), keep_checkpoints=keep)
+    return recipe_dict(
+        workspace, stages, output_dir=str(out), keep_checkpoints=keep, keep_finished_checkpoints=True
+    )
 
 
 @pytest.fixture(scope="module")

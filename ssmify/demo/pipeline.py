@@ -423,10 +423,9 @@ def default_eval_tokens(budget_minutes: float, seq_len: int) -> int:
 
 
 def finish_student(recipe: Recipe, target: Path) -> Path:
-    """DIR/student: the last stage's model files, linked (or copied); finished stages' checkpoints removed."""
-    out = Path(recipe.output_dir)
-    stage_dirs = [out / stage_dir_name(i, s) for i, s in enumerate(recipe.stages)]
-    last = stage_dirs[-1]
+    """DIR/student: the last stage's model files, linked (or copied)."""
+    index = len(recipe.stages) - 1
+    last = Path(recipe.output_dir) / stage_dir_name(index, recipe.stages[index])
     with atomic_directory(target, overwrite=True) as staging:
         for item in last.iterdir():
             if item.is_file() and item.name != "summary.json":
@@ -434,10 +433,6 @@ def finish_student(recipe: Recipe, target: Path) -> Path:
                     os.link(item, staging / item.name)
                 except OSError:
                     shutil.copy2(item, staging / item.name)
-    for folder in stage_dirs:
-        checkpoints = folder / "checkpoints"
-        if (folder / "summary.json").is_file() and checkpoints.is_dir():
-            shutil.rmtree(checkpoints)  # only an unfinished stage resumes from them
     return target
 
 

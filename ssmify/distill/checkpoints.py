@@ -2,7 +2,9 @@
 
 A run killed while saving leaves only a `.tmp-step-N` folder, which the next save clears and resume
 ignores; old checkpoints are renamed to `.trash-step-N` before they are deleted, so a kill while
-pruning leaves no half-deleted `step-N`. Only the newest K are kept.
+pruning leaves no half-deleted `step-N`. Only the newest K are kept, and none once the stage is
+finished (unless the recipe says `keep_finished_checkpoints`): they serve only to resume an unfinished
+stage, and a real student's are model plus optimizer state, gigabytes each.
 
 progress.json, written last, records the size of every file of the checkpoint. `--resume` takes the
 newest `step-N` whose files still match (see `ssmify.distill.integrity`); a newer one that does not,
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"
+CHECKPOINTS_DIR = "checkpoints"  # in a stage folder
 FILES_KEY = "files"  # in progress.json: {file: bytes} of the checkpoint as saved
 SET_ASIDE_SUFFIX = ".invalid"
 
@@ -113,6 +116,14 @@ def retire(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(folder, trash)
     shutil.rmtree(trash)
+
+
+def drop_checkpoints(stage_dir: Path) -> None:
+    """Delete a finished stage's `checkpoints/` (renamed first, so a kill leaves no half-deleted step-N)."""
+    folder = stage_dir / CHECKPOINTS_DIR
+    if folder.is_dir():
+        retire(folder)
+    shutil.rmtree(stage_dir / f".trash-{CHECKPOINTS_DIR}", ignore_errors=True)  # a kill's leftover
 
 
 def save_checkpoint(accelerator: Accelerator, root: Path, step: int, progress: dict, keep: int) -> Path:

@@ -37,6 +37,8 @@ from ssmify.cards import (  # a stage folder with summary.json (written last) is
 from ssmify.convert.convert import model_card
 from ssmify.disk_full import stop_when_disk_full
 from ssmify.distill.checkpoints import (
+    CHECKPOINTS_DIR,
+    drop_checkpoints,
     load_checkpoint,
     newest_checkpoint,
     resume_checkpoint,
@@ -210,7 +212,7 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     validation = validation_set(ctx.data.validation, stage, plan)
     teacher = ctx.teacher if stage.teacher_cache is None else open_teacher_cache(ctx, plan, len(validation))
 
-    checkpoints = ctx.stage_dir / "checkpoints"
+    checkpoints = ctx.stage_dir / CHECKPOINTS_DIR
     resume_from = resume_checkpoint(accelerator, checkpoints) if resume else None
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from)  # its "seconds" are the earlier sessions'
@@ -306,6 +308,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
             earlier = distillation_history(ctx.start_dir)
             write_text_atomic(ctx.stage_dir / "README.md", model_card(fresh, None, [*earlier, summary]))
             write_json_atomic(ctx.stage_dir / SUMMARY_FILE, summary)
+        if not recipe.keep_finished_checkpoints:
+            drop_checkpoints(ctx.stage_dir)
         if tracking:
             accelerator.log({"val_loss": val}, step=plan.steps)
     accelerator.wait_for_everyone()

@@ -280,6 +280,7 @@ class Recipe(StrictModel):
     teacher_sharding: Literal["none", "fsdp"] = "none"  # fsdp: the frozen teacher sharded over the processes
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     keep_checkpoints: int = Field(2, ge=1)
+    keep_finished_checkpoints: bool = False  # a finished stage's checkpoints resume nothing
     tracking: TrackingConfig = TrackingConfig()
     trackers: list[TrackerName] | None = Field(None, exclude=True)  # the old form of tracking.report_to
 

@@ -5,7 +5,7 @@ Output layout (output_dir):
     recipe.yaml            the validated recipe this run used
     0-convert/             the converted student, when the recipe gives convert options
     1-matrix/              stage 1: the student after it (a loadable HF folder), summary.json,
-      checkpoints/step-N/  and the accelerate state of its newest checkpoints
+      checkpoints/step-N/  the accelerate state of its newest checkpoints, while it is unfinished
     2-hidden/ ...
 
 A stage folder with summary.json is finished; `--resume` skips it and continues the first
@@ -27,6 +27,7 @@ from torch import nn
 
 from ssmify.atomic import write_text_atomic
 from ssmify.convert.teacher import load_teacher
+from ssmify.distill.checkpoints import drop_checkpoints
 from ssmify.distill.data import check_data_files, load_data
 from ssmify.distill.loop import SUMMARY_FILE, StageContext, plan_stage, train_stage
 from ssmify.distill.lora import check_lora_stages
@@ -72,6 +73,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> lis
     finished = [(d / SUMMARY_FILE).is_file() for d in stage_dirs]
     first_open = finished.index(False) if False in finished else len(finished)
     summaries = [json.loads((d / SUMMARY_FILE).read_text()) for d in stage_dirs[:first_open]]
+    if state.is_main_process and not recipe.keep_finished_checkpoints:
+        for folder in stage_dirs[:first_open]:
+            drop_checkpoints(folder)  # left by a kill between a stage's summary and its cleanup
     if first_open == len(recipe.stages):
         logger.info("all %d stages of %s are finished", first_open, out)
         return summaries
