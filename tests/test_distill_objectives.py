@@ -229,6 +229,67 @@ def test_hidden_term_vanishes_for_the_teacher_itself(pair):
     assert result["loss"].item() == pytest.approx(0.0, abs=1e-5)
 
 
+def o_proj_inputs(model, layers) -> dict[int, torch.Tensor]:
+    """Each layer's o_proj input in one forward pass over batch(), recorded by the test's own hooks."""
+    seen = {}
+    handles = [
+        model.model.layers[i].self_attn.o_proj.register_forward_hook(
+            lambda module, args, out, i=i: seen.__setitem__(i, args[0].detach())
+        )
+        for i in layers
+    ]
+    with torch.no_grad():
+        model(input_ids=batch())
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_logits_stage_head_term_adds_the_kept_heads_relative_output_error_and_training_lowers_it():
+    teacher = tiny_model("llama", seed=0)
+    student = convert(teacher, tokenizer=char_tokenizer(), attention_heads="1:0,3:all")
+    ids = batch()
+    stage = make_stage("logits", trainable="mixers+attention", loss=LossConfig(head_weight=0.5))
+    objective = build_objective(stage, student)
+    passes, targets = teacher_passes(teacher, objective, ids)
+    assert passes == 1 and sorted(targets.heads) == [1, 3] and targets.hidden is None
+    result = objective(ids, targets)
+    ours, theirs = o_proj_inputs(student, [1, 3]), o_proj_inputs(teacher, [1, 3])
+    # layer 1 keeps KV group 0: query heads 0 and 1 of 4, channels 0-31 of 64; layer 3 keeps every head
+    kept = {1: slice(0, 32), 3: slice(0, 64)}
+    errors = []
+    for i in (1, 3):
+        s, t = (x[..., kept[i]].unflatten(-1, (-1, 16)) for x in (ours[i], theirs[i]))
+        errors.append(((s - t).norm(dim=-1) / t.norm(dim=-1)).flatten())
+    expected = torch.cat(errors).mean()
+    plain = LogitsObjective(student, LossConfig())(ids, targets.logits)
+    torch.testing.assert_close(result["heads"], expected)
+    torch.testing.assert_close(result["loss"], plain["loss"] + 0.5 * expected)
+    assert result["heads"] > 0.01  # layer 0 is a mixer: the kept heads read a stream off the teacher's
+    train(objective, teacher, lr=3e-3, steps=20)
+    assert objective(ids, targets)["heads"] < 0.8 * result["heads"]
+
+
+def test_head_term_vanishes_for_the_teacher_itself(pair):
+    teacher, _ = pair
+    objective = LogitsObjective(teacher, LossConfig(head_weight=1.0))
+    ids = batch()
+    result = objective(ids, objective.teacher_targets(teacher, ids))
+    assert len(objective.kept) == teacher.config.num_hidden_layers
+    assert result["heads"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_head_term_on_a_student_that_keeps_no_attention_names_the_field():
+    student = convert(tiny_model("llama", seed=0), tokenizer=char_tokenizer(), keep_attention=0)
+    stage = make_stage("logits", loss=LossConfig(head_weight=0.5))
+    with pytest.raises(
+        SsmifyError,
+        match=r"^stages\.2\.loss\.head_weight: 0\.5 aligns the kept attention heads' outputs, and this "
+        r"student keeps none \(every layer is a mixer\); set head_weight: 0$",
+    ):
+        build_objective(stage, student, "stages.2.trainable")
+
+
 def test_lora_adapters_train_and_merge_into_a_plain_student(pair):
     teacher, fresh = pair
     student = fresh()

@@ -86,6 +86,9 @@ def test_stage_specific_fields_are_checked_against_the_stage():
         minimal(teacher_cache="cache-dir", loss={"hidden_weight": 0.5})
     )
     assert parse_recipe(minimal(teacher_cache="cache-dir", loss={"hidden_weight": 0})).stages[0].teacher_cache
+    assert "stages.0.loss.head_weight: a teacher cache holds logits only" in error_of(
+        minimal(teacher_cache="cache-dir", loss={"head_weight": 0.5})
+    )
 
 
 def test_student_takes_a_path_or_convert_options_but_not_both():

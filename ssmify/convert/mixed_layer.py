@@ -210,6 +210,10 @@ class MixedAttention(MixerAttention):
         order = torch.tensor(self.head_order, device=heads.device)
         return self.o_proj(heads.index_select(-2, order).flatten(-2)), None
 
+    def kept_channels(self) -> torch.Tensor:
+        """The channels of `o_proj`'s input (teacher head order) that the kept attention heads write."""
+        return _rows(query_heads(self.kept_groups, self.heads_per_group), self.head_dim)
+
     def _slot(self, cache: Cache) -> MixedCacheLayer | MixerCacheLayer:
         """A mixed cache slot (kept K/V and mixer state) when this layer keeps attention, else a mixer's."""
         if self.attention is not None:

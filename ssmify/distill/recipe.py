@@ -222,6 +222,9 @@ class LossConfig(StrictModel):
     # End-to-end hidden alignment: every layer's output, the student running on its own earlier layers,
     # against the teacher's, as relative L2 error (ssmify.distill.objectives.logits.hidden_loss).
     hidden_weight: float = Field(0.0, ge=0)
+    # Kept-head alignment: each kept attention head's output before o_proj, the student end to end,
+    # against the teacher's, as relative L2 error (ssmify.distill.objectives.kept_heads).
+    head_weight: float = Field(0.0, ge=0)
 
 
 class Stage(StrictModel):
@@ -399,6 +402,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise SsmifyError(
                 f"{where}.loss.hidden_weight: a teacher cache holds logits only, not the teacher's hidden "
                 "states; set hidden_weight: 0 or drop the cache"
+            )
+        if stage.teacher_cache is not None and stage.loss is not None and stage.loss.head_weight > 0:
+            raise SsmifyError(
+                f"{where}.loss.head_weight: a teacher cache holds logits only, not the teacher's attention "
+                "head outputs; set head_weight: 0 or drop the cache"
             )
         if stage.name == "matrix" and isinstance(stage.trainable, LoraTrainable):
             raise SsmifyError(

@@ -29,7 +29,9 @@ def build_objective(stage: Stage, student: nn.Module, where: str = "trainable") 
         trained = apply_trainable(student, stage.trainable, "hidden", where)
         return HiddenObjective(converted_blocks(student), trained if trained is not student else None)
     return LogitsObjective(
-        apply_trainable(student, stage.trainable, "logits", where), stage.loss or LossConfig()
+        apply_trainable(student, stage.trainable, "logits", where),
+        stage.loss or LossConfig(),
+        where.rpartition(".")[0] + ".loss" if "." in where else "loss",
     )
 
 

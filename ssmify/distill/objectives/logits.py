@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmify.distill.objectives.kept_heads import (
+    head_error,
+    kept_heads,
+    out_projections,
+    recorded_inputs,
+    select,
+)
 from ssmify.distill.recipe import LossConfig
+from ssmify.errors import SsmifyError
 
 MASKED = -1e30  # a logit that exp() takes to 0, but finite: no inf - inf in the student's rest-of-mass
 
@@ -124,10 +132,12 @@ def with_ce(
 
 @dataclass
 class TeacherOutputs:
-    """The teacher's logits (B, L, V) and, for the end-to-end hidden term, its layers' outputs."""
+    """The teacher's logits (B, L, V), its layers' outputs for the end-to-end hidden term, and its kept
+    heads' outputs (by layer, (B, L, heads, head_dim)) for the kept-head term."""
 
     logits: torch.Tensor
-    hidden: tuple[torch.Tensor, ...]
+    hidden: tuple[torch.Tensor, ...] | None = None
+    heads: dict[int, torch.Tensor] | None = None
 
 
 def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -141,13 +151,22 @@ def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
 
 
 class LogitsObjective(nn.Module):
-    """Holds the student (possibly peft-wrapped); forward returns the KD loss against teacher logits."""
+    """Holds the student (possibly peft-wrapped); forward returns the KD loss against teacher logits.
 
-    def __init__(self, student: nn.Module, config: LossConfig) -> None:
+    `where` names the recipe's loss section in errors (e.g. stages.3.loss).
+    """
+
+    def __init__(self, student: nn.Module, config: LossConfig, where: str = "loss") -> None:
         super().__init__()
         self.student = student
         self.config = config
         self._no_split_modules = getattr(student, "_no_split_modules", None)
+        self.kept = kept_heads(student) if config.head_weight > 0 else []
+        if config.head_weight > 0 and not self.kept:
+            raise SsmifyError(
+                f"{where}.head_weight: {config.head_weight} aligns the kept attention heads' outputs, and "
+                "this student keeps none (every layer is a mixer); set head_weight: 0"
+            )
 
     @property
     def adapted(self) -> nn.Module | None:
@@ -158,22 +177,34 @@ class LogitsObjective(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | TeacherOutputs:
-        if self.config.hidden_weight == 0:
+        hidden = self.config.hidden_weight > 0
+        if not hidden and not self.kept:
             return teacher(input_ids=input_ids, use_cache=False).logits
-        out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True)
-        return TeacherOutputs(out.logits, out.hidden_states)
+        projections = out_projections(teacher, [h.layer for h in self.kept])
+        with recorded_inputs(projections) as inputs:
+            out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
+        heads = select(inputs, self.kept) if self.kept else None
+        return TeacherOutputs(out.logits, out.hidden_states if hidden else None, heads)
 
     def forward(self, input_ids: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
-        hidden = isinstance(targets, TeacherOutputs)
-        out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
         if isinstance(targets, TopKTargets):
+            out = self.student(input_ids=input_ids, use_cache=False)
             return top_k_kd_loss(out.logits, targets, input_ids, self.config)
-        if not hidden:
+        if not isinstance(targets, TeacherOutputs):
+            out = self.student(input_ids=input_ids, use_cache=False)
             return kd_loss(out.logits, targets, input_ids, self.config)
+        hidden = targets.hidden is not None
+        projections = out_projections(self.student, [h.layer for h in self.kept])
+        with recorded_inputs(projections) as inputs:
+            out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=hidden)
         result = kd_loss(out.logits, targets.logits, input_ids, self.config)
-        error = hidden_loss(out.hidden_states, targets.hidden)
-        return {
-            **result,
-            "loss": result["loss"] + self.config.hidden_weight * error,
-            "hidden": error.detach(),
-        }
+        loss = result["loss"]
+        if hidden:
+            error = hidden_loss(out.hidden_states, targets.hidden)
+            loss = loss + self.config.hidden_weight * error
+            result["hidden"] = error.detach()
+        if targets.heads is not None:
+            error = head_error(select(inputs, self.kept), targets.heads)
+            loss = loss + self.config.head_weight * error
+            result["heads"] = error.detach()
+        return {**result, "loss": loss}
