@@ -214,3 +214,32 @@ def test_a_streamed_split_resumes_at_its_saved_position_without_tokenizing_what_
         if state["documents"] > 3:
             assert skipped_documents < len(tokenized)
     assert torch.equal(resumed.take(5, 2), reference[5:7])  # an index before the position restarts the stream
+
+
+def test_data_bos_puts_bos_in_place_of_each_windows_first_token_and_leaves_the_rest(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "c.txt", 40)
+    plain_config = config(tmp_path, train=[str(corpus)], validation_fraction=0.1)
+    plain = load_data(plain_config, tokenizer, 16, seed=3)
+    with_bos = load_data(plain_config.model_copy(update={"bos": True}), tokenizer, 16, seed=3)
+    for before, after in (
+        (plain.train.take(5, 7), with_bos.train.take(5, 7)),
+        (
+            plain.validation.first(4),
+            with_bos.validation.first(4),
+        ),
+    ):
+        assert after.shape == before.shape
+        assert (after[:, 0] == tokenizer.bos_token_id).all() and (
+            before[:, 0] != tokenizer.bos_token_id
+        ).any()
+        assert torch.equal(after[:, 1:], before[:, 1:])
+
+
+def test_data_bos_with_a_tokenizer_without_bos_names_the_field(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "c.txt", 40)
+    no_bos = char_tokenizer()
+    no_bos.bos_token = None
+    with pytest.raises(
+        SsmifyError, match=r"^data\.bos: the teacher's tokenizer has no bos_token; set bos: false$"
+    ):
+        load_data(config(tmp_path, train=[str(corpus)], bos=True), no_bos, 16, seed=0)

@@ -87,6 +87,8 @@ def load_data(config: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Di
         raise SsmifyError(
             "teacher tokenizer: it has no eos_token, which packing needs as the document separator"
         )
+    if config.bos and tokenizer.bos_token_id is None:
+        raise SsmifyError("data.bos: the teacher's tokenizer has no bos_token; set bos: false")
     held_out = config.validation is None
     validation_sources = config.train if held_out else config.validation
     documents = {
@@ -115,6 +117,8 @@ def load_data(config: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Di
             result[name] = StreamedBlocks(
                 documents[name], tokenizer, seq_len, seed, shuffle, config.shuffle_buffer
             )
+    if config.bos:
+        result = {name: BosFirst(blocks, tokenizer.bos_token_id) for name, blocks in result.items()}
     train = result["train"]
     if config.synthetic is not None and config.synthetic.fraction > 0:
         train = SyntheticBlocks(train, config.synthetic, tokenizer, seed)
@@ -352,6 +356,40 @@ def _build_cache(folder: Path, sources: dict[str, DocumentSource], tokenizer: An
             if not all((folder / f"{name}.npy").is_file() for name in sources):
                 raise
             shutil.rmtree(tmp)
+
+
+class BosFirst:
+    """Blocks whose first token is BOS (`data.bos`): it replaces the window's first token, so that packing,
+    seq_len and the token counts stay as they are.
+
+    Why: a teacher makes the first position of any window an attention sink with a massive activation
+    (SmolLM2-135M: a residual norm near 25,000 from layer 12 on, where other positions have about 170).
+    A distilled student keeps that after BOS but loses it after an ordinary first token (130 after the
+    hidden stage), so windows that start mid-text train its attention on a first position unlike the
+    one it meets at inference, where prompts start with BOS (docs/benchmarks.md section 13).
+    """
+
+    def __init__(self, blocks: Blocks, bos: int) -> None:
+        self.blocks = blocks
+        self.bos = bos
+        self.seq_len = blocks.seq_len
+
+    def _with_bos(self, block: torch.Tensor) -> torch.Tensor:
+        block = block.clone()
+        block[:, 0] = self.bos
+        return block
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        return self._with_bos(self.blocks.take(start, count))
+
+    def first(self, count: int) -> torch.Tensor:
+        return self._with_bos(self.blocks.first(count))
+
+    def state_dict(self) -> dict | None:
+        return self.blocks.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.blocks.load_state_dict(state)
 
 
 class PackedBlocks:

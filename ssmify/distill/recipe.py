@@ -92,6 +92,8 @@ class DataConfig(StrictModel):
     cache_dir: str | None = None
     shuffle_buffer: int = Field(10_000, ge=1)
     synthetic: SyntheticConfig | None = None
+    # Every text window starts with the tokenizer's BOS (its first token replaced), as prompts do at inference.
+    bos: bool = False
 
 
 CONVERT_OPTIONS = (
