@@ -12,6 +12,9 @@ folder the bench does not score (the one before a last stage, say) can be compar
     OMP_NUM_THREADS=2 .venv/bin/python docs/bench/heads_rescore.py $B/heads_attn/heads9/hand-2cc6ee/synthetic10/seed0/3-logits \
         $B/heads_logits_heavy/heads9/hand-2cc6ee/synthetic10/seed0/3-logits \
         $B/heads_logits_heavy/10pct/retrieval/synthetic10/seed0/3-logits > docs/bench/heads_rescore.txt
+
+`--teacher-from FILE` takes the teacher's scores from the first line of an earlier output (same samples,
+same slice) instead of scoring the teacher again.
 """
 
 import json
@@ -49,9 +52,18 @@ def scores(model, data: EvalData) -> dict:
 teacher, tokenizer = load_teacher(smollm2_teacher_dir(), dtype="float32")
 data = EvalData(tokenizer)
 windows = load_data([str(wikipedia_text()[1])], tokenizer, 512, max_tokens=4096).windows
-with torch.no_grad():
-    reference = scores(teacher, data)
-    teacher_perplexity = perplexity(teacher, windows)
+paths = sys.argv[1:]
+if paths[:1] == ["--teacher-from"]:  # the teacher's line of an earlier rescoring: same samples, same slice
+    earlier = json.loads(open(paths[1]).readline())
+    reference = {
+        t: {"points": [{"length": int(n), "accuracy": a} for n, a in by_length.items()]}
+        for t, by_length in earlier["teacher"].items()
+    }
+    teacher_perplexity, paths = earlier["perplexity"], paths[2:]
+else:
+    with torch.no_grad():
+        reference = scores(teacher, data)
+        teacher_perplexity = perplexity(teacher, windows)
 print(
     json.dumps(
         {
@@ -61,7 +73,7 @@ print(
     ),
     flush=True,
 )
-for path in sys.argv[1:]:
+for path in paths:
     student = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         student_perplexity = perplexity(student, windows)
