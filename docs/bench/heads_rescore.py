@@ -5,7 +5,7 @@ docs/benchmarks.md section 13. This scores the kept students again with `ssmify.
 seeded samples per task and length (the evaluator's default seed; the lengths draw in turn from one
 generator, so these are not the bench's 4 samples and 12 more), the teacher once on the same samples, and prints accuracy, retention per length and the overall retention
 (the points where the teacher scores at least 50%), one JSON line per student. It also prints held-out
-perplexity on the bench's slice (the first 4,096 held-out tokens in 512-token windows), so that a stage
+perplexity on the bench's slice (and on the same windows with BOS in place of their first token) (the first 4,096 held-out tokens in 512-token windows), so that a stage
 folder the bench does not score (the one before a last stage, say) can be compared with its rows.
 
     B=runs/bench
@@ -52,6 +52,10 @@ def scores(model, data: EvalData) -> dict:
 teacher, tokenizer = load_teacher(smollm2_teacher_dir(), dtype="float32")
 data = EvalData(tokenizer)
 windows = load_data([str(wikipedia_text()[1])], tokenizer, 512, max_tokens=4096).windows
+bos_windows = windows.clone()
+bos_windows[:, 0] = tokenizer.bos_token_id  # as data.bos trains: BOS in place of each window's first token
+with torch.no_grad():
+    teacher_bos_perplexity = perplexity(teacher, bos_windows)
 paths = sys.argv[1:]
 if paths[:1] == ["--teacher-from"]:  # the teacher's line of an earlier rescoring: same samples, same slice
     earlier = json.loads(open(paths[1]).readline())
@@ -69,6 +73,7 @@ print(
         {
             "teacher": {t: {p["length"]: p["accuracy"] for p in r["points"]} for t, r in reference.items()},
             "perplexity": teacher_perplexity,
+            "perplexity, BOS first": teacher_bos_perplexity,
         }
     ),
     flush=True,
@@ -77,6 +82,7 @@ for path in paths:
     student = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         student_perplexity = perplexity(student, windows)
+        student_bos_perplexity = perplexity(student, bos_windows)
     merged = against_teacher(scores(student, data), reference)
     summary = summarize(merged)
     print(
@@ -84,6 +90,7 @@ for path in paths:
             {
                 "student": path,
                 "perplexity x teacher": round(student_perplexity / teacher_perplexity, 3),
+                "perplexity x teacher, BOS first": round(student_bos_perplexity / teacher_bos_perplexity, 3),
                 "accuracy": {
                     t: {p["length"]: round(p["accuracy"], 3) for p in r["points"]} for t, r in merged.items()
                 },
