@@ -24,6 +24,9 @@ run on the teacher's inputs, here the student runs on its own earlier layers, so
 to hand the layers after it what the teacher's would (in a head-level hybrid, the keys and queries the
 kept heads read). Relative error, because the residual stream's norm grows with depth and would
 otherwise let the last layers drown the first.
+
+With loss.head_weight w > 0 the loss adds w times the kept attention heads' mean relative output error
+(before o_proj), the student end to end against the teacher (`ssmify.distill.objectives.kept_heads`).
 """
 
 from __future__ import annotations
