@@ -19,7 +19,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ssmify.convert.adapters import get_adapter
+from ssmify.convert.adapters import FamilyAdapter, get_adapter
 
 PROBE = "ssmify_probe"
 
@@ -64,13 +64,14 @@ AttentionMaskInterface.register(PROBE, eager_mask)
 
 
 def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    adapter = get_adapter(_base_model_type(model))
+    adapter = model_adapter(model)
     return [getattr(block, adapter.attention_attr) for block in adapter.decoder_layers(model)]
 
 
-def _base_model_type(model: PreTrainedModel) -> str:
+def model_adapter(model: PreTrainedModel) -> FamilyAdapter:
+    """The family adapter of a teacher, or of a student (its teacher's family)."""
     block = getattr(model.config, "ssmify", None)
-    return block["base_model_type"] if isinstance(block, dict) else model.config.model_type
+    return get_adapter(block["base_model_type"] if isinstance(block, dict) else model.config.model_type)
 
 
 @contextlib.contextmanager
@@ -120,7 +121,7 @@ def capture_blocks(
 ) -> dict[int, BlockIO]:
     """Each chosen decoder block's positional args, kwargs and output, from one forward pass."""
     layers = sorted(set(layers))
-    blocks = get_adapter(_base_model_type(model)).decoder_layers(model)
+    blocks = model_adapter(model).decoder_layers(model)
     seen: dict[int, BlockIO] = {}
 
     def before(idx: int):
@@ -149,6 +150,6 @@ def capture_blocks(
 
 def run_block(model: PreTrainedModel, layer_idx: int, io: BlockIO) -> torch.Tensor:
     """Rerun one decoder block of `model` on inputs captured (possibly from another model)."""
-    block = get_adapter(_base_model_type(model)).decoder_layers(model)[layer_idx]
+    block = model_adapter(model).decoder_layers(model)[layer_idx]
     out = block(*io.args, **io.kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -400,16 +400,12 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 f"{where}.teacher_cache: a teacher cache holds the teacher's top-K only, which gives "
                 "forward_kl; set loss.kind: forward_kl or drop the cache"
             )
-        if stage.teacher_cache is not None and stage.loss is not None and stage.loss.hidden_weight > 0:
-            raise SsmifyError(
-                f"{where}.loss.hidden_weight: a teacher cache holds logits only, not the teacher's hidden "
-                "states; set hidden_weight: 0 or drop the cache"
-            )
-        if stage.teacher_cache is not None and stage.loss is not None and stage.loss.head_weight > 0:
-            raise SsmifyError(
-                f"{where}.loss.head_weight: a teacher cache holds logits only, not the teacher's attention "
-                "head outputs; set head_weight: 0 or drop the cache"
-            )
+        for field, needs in (("hidden_weight", "hidden states"), ("head_weight", "attention head outputs")):
+            if stage.teacher_cache is not None and stage.loss is not None and getattr(stage.loss, field) > 0:
+                raise SsmifyError(
+                    f"{where}.loss.{field}: a teacher cache holds logits only, not the teacher's {needs}; "
+                    f"set {field}: 0 or drop the cache"
+                )
         if stage.name == "matrix" and isinstance(stage.trainable, LoraTrainable):
             raise SsmifyError(
                 f"{where}.trainable.lora: LoRA does not apply to the matrix stage, which fits the mixers' "

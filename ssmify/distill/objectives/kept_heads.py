@@ -25,9 +25,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from ssmify.convert.adapters import get_adapter
 from ssmify.convert.mixed_layer import MixedAttention
-from ssmify.convert.probes import attention_modules
+from ssmify.convert.probes import attention_modules, model_adapter
 from ssmify.convert.student import MixerAttention
 
 
@@ -46,24 +45,19 @@ def _plain(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _out_proj_attr(model: nn.Module) -> str:
-    block = getattr(model.config, "ssmify", None)
-    family = block["base_model_type"] if isinstance(block, dict) else model.config.model_type
-    return get_adapter(family).out_proj_attr
-
-
 def kept_heads(student: nn.Module) -> list[KeptHeads]:
     """Every layer of `student` that keeps attention heads: a mixed layer's kept groups, or all heads of a
     layer left as the teacher's attention. Empty for a student whose every layer is a mixer."""
-    head_dim = student.config.hidden_size // student.config.num_attention_heads
-    head_dim = getattr(student.config, "head_dim", None) or head_dim
+    plain = _plain(student)
+    adapter = model_adapter(plain)
+    head_dim = adapter.dims(plain.config)[3]
     found = []
-    for layer, attention in enumerate(attention_modules(_plain(student))):
+    for layer, attention in enumerate(attention_modules(plain)):
         if isinstance(attention, MixedAttention):
             if attention.attention is not None:
                 found.append(KeptHeads(layer, attention.kept_channels(), attention.head_dim))
         elif not isinstance(attention, MixerAttention):
-            width = getattr(attention, _out_proj_attr(student)).in_features
+            width = getattr(attention, adapter.out_proj_attr).in_features
             found.append(KeptHeads(layer, torch.arange(width), head_dim))
     return found
 
@@ -71,8 +65,9 @@ def kept_heads(student: nn.Module) -> list[KeptHeads]:
 def out_projections(model: nn.Module, layers: list[int]) -> dict[int, nn.Module]:
     """The output projection of each layer in `layers`: the teacher's, or a student's (a mixed layer
     holds the teacher's o_proj as `o_proj` whatever the family calls it)."""
-    modules = attention_modules(_plain(model))
-    name = _out_proj_attr(model)
+    plain = _plain(model)
+    modules = attention_modules(plain)
+    name = model_adapter(plain).out_proj_attr
     return {
         i: modules[i].o_proj if isinstance(modules[i], MixedAttention) else getattr(modules[i], name)
         for i in layers
