@@ -190,12 +190,10 @@ class LogitsObjective(nn.Module):
         return TeacherOutputs(out.logits, out.hidden_states if hidden else None, heads)
 
     def forward(self, input_ids: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
-        if isinstance(targets, TopKTargets):
-            out = self.student(input_ids=input_ids, use_cache=False)
-            return top_k_kd_loss(out.logits, targets, input_ids, self.config)
         if not isinstance(targets, TeacherOutputs):
-            out = self.student(input_ids=input_ids, use_cache=False)
-            return kd_loss(out.logits, targets, input_ids, self.config)
+            logits = self.student(input_ids=input_ids, use_cache=False).logits
+            loss = top_k_kd_loss if isinstance(targets, TopKTargets) else kd_loss
+            return loss(logits, targets, input_ids, self.config)
         hidden = targets.hidden is not None
         projections = out_projections(self.student, [h.layer for h in self.kept])
         with recorded_inputs(projections) as inputs:
