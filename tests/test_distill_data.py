@@ -235,6 +235,21 @@ def test_data_bos_puts_bos_in_place_of_each_windows_first_token_and_leaves_the_r
         assert torch.equal(after[:, 1:], before[:, 1:])
 
 
+def test_data_bos_fraction_starts_that_share_of_windows_with_bos_and_the_same_ones_on_every_call(
+    tmp_path, tokenizer
+):
+    corpus = write_corpus(tmp_path / "c.txt", 400)
+    plain_config = config(tmp_path, train=[str(corpus)], validation_fraction=0.1)
+    plain = load_data(plain_config, tokenizer, 16, seed=3)
+    half = load_data(plain_config.model_copy(update={"bos": 0.5}), tokenizer, 16, seed=3)
+    before, after = plain.train.take(0, 40), half.train.take(0, 40)
+    assert (before[:, 0] != tokenizer.bos_token_id).all()
+    chosen = after[:, 0] == tokenizer.bos_token_id
+    assert 19 <= int(chosen.sum()) <= 21
+    assert torch.equal(after[~chosen], before[~chosen]) and torch.equal(after[:, 1:], before[:, 1:])
+    assert torch.equal(half.train.take(10, 5), after[10:15])  # a window's choice depends on its index only
+
+
 def test_data_bos_with_a_tokenizer_without_bos_names_the_field(tmp_path, tokenizer):
     corpus = write_corpus(tmp_path / "c.txt", 40)
     no_bos = char_tokenizer()

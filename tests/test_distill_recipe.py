@@ -53,6 +53,16 @@ def test_a_misspelt_nested_key_in_a_union_branch_keeps_its_path():
     assert "data.train.0.subsett: unknown key (did you mean subset?)" in error_of(raw)
 
 
+def test_data_bos_takes_true_or_a_fraction_and_names_the_range_otherwise():
+    for value, fraction in ((True, 1.0), (False, 0.0), (0.25, 0.25)):
+        raw = minimal()
+        raw["data"]["bos"] = value
+        assert parse_recipe(raw).data.bos == fraction
+    raw = minimal()
+    raw["data"]["bos"] = 1.5
+    assert error_of(raw) == "recipe.yaml: data.bos: Input should be less than or equal to 1 (got 1.5)"
+
+
 def test_an_unknown_stage_name_lists_the_stages():
     message = error_of(minimal(name="matrx"))
     assert "stages.0.name: unknown stage 'matrx'; expected one of: matrix, hidden, logits" in message

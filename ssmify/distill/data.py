@@ -118,7 +118,9 @@ def load_data(config: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> Di
                 documents[name], tokenizer, seq_len, seed, shuffle, config.shuffle_buffer
             )
     if config.bos:
-        result = {name: BosFirst(blocks, tokenizer.bos_token_id) for name, blocks in result.items()}
+        result = {
+            name: BosFirst(blocks, tokenizer.bos_token_id, config.bos) for name, blocks in result.items()
+        }
     train = result["train"]
     if config.synthetic is not None and config.synthetic.fraction > 0:
         train = SyntheticBlocks(train, config.synthetic, tokenizer, seed)
@@ -359,31 +361,41 @@ def _build_cache(folder: Path, sources: dict[str, DocumentSource], tokenizer: An
 
 
 class BosFirst:
-    """Blocks whose first token is BOS (`data.bos`): it replaces the window's first token, so that packing,
-    seq_len and the token counts stay as they are.
+    """Blocks of which a fraction start with BOS (`data.bos`): it replaces the window's first token, so that
+    packing, seq_len and the token counts stay as they are.
 
     Why: a teacher makes the first position of any window an attention sink with a massive activation
     (SmolLM2-135M: a residual norm near 25,000 from layer 12 on, where other positions have about 170).
     A distilled student keeps that after BOS but loses it after an ordinary first token (130 after the
     hidden stage), so windows that start mid-text train its attention on a first position unlike the
-    one it meets at inference, where prompts start with BOS (docs/benchmarks.md section 13).
+    one it meets after BOS, where prompts start (docs/benchmarks.md section 13). A fraction below 1 keeps
+    both kinds of window in training, so that text without BOS is not left to a regime never trained.
+
+    Window g (its index in the training order, or in the validation set) starts with BOS when
+    frac(g * golden ratio) < fraction: every run of consecutive windows holds the fraction to within one
+    window, and a resumed run needs no state to choose the same ones.
     """
 
-    def __init__(self, blocks: Blocks, bos: int) -> None:
+    GOLDEN = 0.6180339887498949
+
+    def __init__(self, blocks: Blocks, bos: int, fraction: float = 1.0) -> None:
         self.blocks = blocks
         self.bos = bos
+        self.fraction = fraction
         self.seq_len = blocks.seq_len
 
-    def _with_bos(self, block: torch.Tensor) -> torch.Tensor:
+    def _with_bos(self, block: torch.Tensor, start: int) -> torch.Tensor:
+        index = torch.arange(start, start + block.shape[0], dtype=torch.float64)
+        chosen = torch.remainder(index * self.GOLDEN, 1.0) < self.fraction
         block = block.clone()
-        block[:, 0] = self.bos
+        block[chosen, 0] = self.bos
         return block
 
     def take(self, start: int, count: int) -> torch.Tensor:
-        return self._with_bos(self.blocks.take(start, count))
+        return self._with_bos(self.blocks.take(start, count), start)
 
     def first(self, count: int) -> torch.Tensor:
-        return self._with_bos(self.blocks.first(count))
+        return self._with_bos(self.blocks.first(count), 0)
 
     def state_dict(self) -> dict | None:
         return self.blocks.state_dict()

@@ -92,8 +92,9 @@ class DataConfig(StrictModel):
     cache_dir: str | None = None
     shuffle_buffer: int = Field(10_000, ge=1)
     synthetic: SyntheticConfig | None = None
-    # Every text window starts with the tokenizer's BOS (its first token replaced), as prompts do at inference.
-    bos: bool = False
+    # The fraction of text windows that start with the tokenizer's BOS (their first token replaced), as prompts
+    # do at inference; true is 1.0 (every window), false 0.0.
+    bos: float = Field(0.0, ge=0, le=1)
 
 
 CONVERT_OPTIONS = (
