@@ -139,6 +139,29 @@ def test_hidden_stage_matches_block_outputs_and_trains_what_the_recipe_says(pair
     assert fell(train(objective, teacher, lr=3e-3), by=0.2)
 
 
+def test_hidden_stage_first_position_weight_counts_position_zero_as_that_many_tokens(pair):
+    teacher, fresh = pair
+    student = fresh()
+    plain = build_objective(make_stage("hidden"), student)
+    weighted = build_objective(make_stage("hidden", first_position_weight=8.0), student)
+    targets = plain.teacher_targets(teacher, batch())
+    with torch.no_grad():
+        per_layer = []
+        for i in (0, 2):
+            block = student.model.layers[i]
+            output = block(*targets[i].args, **targets[i].kwargs)
+            output = output[0] if isinstance(output, tuple) else output
+            per_layer.append(
+                torch.linalg.vector_norm(output - targets[i].output, dim=-1)
+            )  # (batch, positions)
+        errors = torch.stack(per_layer)
+        length = errors.shape[-1]
+        expected = ((8.0 * errors[..., 0] + errors[..., 1:].sum(-1)) / (8.0 + length - 1)).mean()
+        assert torch.allclose(plain(batch(), targets)["loss"], errors.mean())
+        assert torch.allclose(weighted(batch(), targets)["loss"], expected)
+    assert not torch.allclose(expected, errors.mean())
+
+
 def test_mixers_and_attention_trains_the_kept_heads_and_whole_attention_layers_not_the_mlps():
     teacher = tiny_model("llama", seed=0)
     student = convert(teacher, tokenizer=char_tokenizer(), attention_heads="1:0,3:all")

@@ -63,6 +63,18 @@ def test_data_bos_takes_true_or_a_fraction_and_names_the_range_otherwise():
     assert error_of(raw) == "recipe.yaml: data.bos: Input should be less than or equal to 1 (got 1.5)"
 
 
+def test_first_position_weight_belongs_to_the_hidden_stage_and_is_at_least_one():
+    raw = minimal(name="hidden", first_position_weight=64)
+    assert parse_recipe(raw).stages[0].first_position_weight == 64.0
+    assert error_of(minimal(first_position_weight=64)) == (
+        "recipe.yaml: stages.0.first_position_weight: only the hidden stage weights positions "
+        "(got it on the logits stage)"
+    )
+    assert error_of(minimal(name="hidden", first_position_weight=0.5)) == (
+        "recipe.yaml: stages.0.first_position_weight: Input should be greater than or equal to 1 (got 0.5)"
+    )
+
+
 def test_an_unknown_stage_name_lists_the_stages():
     message = error_of(minimal(name="matrx"))
     assert "stages.0.name: unknown stage 'matrx'; expected one of: matrix, hidden, logits" in message

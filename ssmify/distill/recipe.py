@@ -248,6 +248,9 @@ class Stage(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     trainable: Trainable = "mixers"
     loss: LossConfig | None = None
+    # hidden stage: position 0's weight in each layer's token average (1: a token like any other); see
+    # ssmify.distill.objectives.hidden for why a teacher's first position may need more
+    first_position_weight: float = Field(1.0, ge=1)
     teacher_cache: str | None = (
         None  # logits stage: read the teacher's top-K logits from `ssmify teacher-cache`
     )
@@ -396,6 +399,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise SsmifyError(f"{where}.loss: only the logits stage takes a loss section")
         if stage.teacher_cache is not None and stage.name != "logits":
             raise SsmifyError(f"{where}.teacher_cache: only the logits stage reads a teacher cache")
+        if stage.first_position_weight != 1.0 and stage.name != "hidden":
+            raise SsmifyError(
+                f"{where}.first_position_weight: only the hidden stage weights positions (got it on the "
+                f"{stage.name} stage)"
+            )
         if stage.teacher_cache is not None and stage.loss is not None and stage.loss.kind != "forward_kl":
             raise SsmifyError(
                 f"{where}.teacher_cache: a teacher cache holds the teacher's top-K only, which gives "

@@ -27,7 +27,11 @@ def build_objective(stage: Stage, student: nn.Module, where: str = "trainable") 
         return MatrixObjective(converted_mixers(student))
     if stage.name == "hidden":
         trained = apply_trainable(student, stage.trainable, "hidden", where)
-        return HiddenObjective(converted_blocks(student), trained if trained is not student else None)
+        return HiddenObjective(
+            converted_blocks(student),
+            trained if trained is not student else None,
+            first_position_weight=stage.first_position_weight,
+        )
     return LogitsObjective(
         apply_trainable(student, stage.trainable, "logits", where),
         stage.loss or LossConfig(),
