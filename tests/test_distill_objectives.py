@@ -151,10 +151,8 @@ def test_hidden_stage_first_position_weight_counts_position_zero_as_that_many_to
             block = student.model.layers[i]
             output = block(*targets[i].args, **targets[i].kwargs)
             output = output[0] if isinstance(output, tuple) else output
-            per_layer.append(
-                torch.linalg.vector_norm(output - targets[i].output, dim=-1)
-            )  # (batch, positions)
-        errors = torch.stack(per_layer)
+            per_layer.append(torch.linalg.vector_norm(output - targets[i].output, dim=-1))
+        errors = torch.stack(per_layer)  # (layers, batch, positions)
         length = errors.shape[-1]
         expected = ((8.0 * errors[..., 0] + errors[..., 1:].sum(-1)) / (8.0 + length - 1)).mean()
         assert torch.allclose(plain(batch(), targets)["loss"], errors.mean())

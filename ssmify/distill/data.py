@@ -366,8 +366,8 @@ class BosFirst:
 
     Why: a teacher makes the first position of any window an attention sink with a massive activation
     (SmolLM2-135M: a residual norm near 25,000 from layer 12 on, where other positions have about 170).
-    A distilled student keeps that after BOS but loses it after an ordinary first token (130 after the
-    hidden stage), so windows that start mid-text train its attention on a first position unlike the
+    A distilled student keeps that after BOS but may lose it after an ordinary first token (130 after a
+    hidden stage without `first_position_weight`), so windows that start mid-text train its attention on a first position unlike the
     one it meets after BOS, where prompts start (docs/benchmarks.md section 13). A fraction below 1 keeps
     both kinds of window in training, so that text without BOS is not left to a regime never trained.
 
