@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 import ssmify  # noqa: F401  (registers the student classes)
 from ssmify.assets import smollm2_teacher_dir, wikipedia_text
-from ssmify.convert.teacher import load_teacher
 from ssmify.distill.students import load_student
 from ssmify.eval.data import load_data
 from ssmify.eval.scan import scan_windows
 
 torch.set_grad_enabled(False)
-teacher, tok = load_teacher(smollm2_teacher_dir(), dtype="float32")
+tok = AutoTokenizer.from_pretrained(str(smollm2_teacher_dir()))
 windows = load_data([str(wikipedia_text()[1])], tok, 512, max_tokens=4096).windows
 bos = windows.clone()
 bos[:, 0] = tok.bos_token_id
