@@ -378,7 +378,7 @@ class BosFirst:
 
     GOLDEN = 0.6180339887498949
 
-    def __init__(self, blocks: Blocks, bos: int, fraction: float = 1.0) -> None:
+    def __init__(self, blocks: Blocks, bos: int, fraction: float) -> None:
         self.blocks = blocks
         self.bos = bos
         self.fraction = fraction
