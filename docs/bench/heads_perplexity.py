@@ -1,19 +1,20 @@
-"""Held-out perplexity of student folders against the teacher's, on the bench's slice (the first 4,096
-held-out tokens in 512-token windows), word first and with BOS in place of each window's first token, as
-`docs/bench/heads_rescore.py` computes it without its retrieval scoring (the teacher's 15.368 and 15.509
-are that script's): a quick look at a stage folder.
+"""Held-out perplexity of student folders against the teacher's, word first and with BOS in place of each
+window's first token, on the first N held-out tokens in 512-token windows (`--tokens`, default the bench's
+4,096, on which `docs/bench/heads_rescore.py` computes the same numbers): a quick look at a stage folder, and
+a less noisy one at more tokens.
 
     R=heads9/hand-2cc6ee/synthetic10
     OMP_NUM_THREADS=1 .venv/bin/python docs/bench/heads_perplexity.py runs/bench/heads_sink64/$R/seed0/3-logits \
         runs/bench/heads_tail2_syn50_attn_only/$R/seed0/3-logits
+    OMP_NUM_THREADS=1 .venv/bin/python docs/bench/heads_perplexity.py --tokens 32768 runs/bench/heads_sink64/$R/seed0/4-logits
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ssmify  # noqa: F401  (registers the student classes)
 from ssmify.assets import smollm2_teacher_dir, wikipedia_text
@@ -21,9 +22,14 @@ from ssmify.distill.students import load_student
 from ssmify.eval.data import load_data
 from ssmify.eval.scan import scan_windows
 
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("students", nargs="+", type=Path)
+parser.add_argument("--tokens", type=int, default=4096)
+args = parser.parse_args()
+
 torch.set_grad_enabled(False)
 tok = AutoTokenizer.from_pretrained(str(smollm2_teacher_dir()))
-windows = load_data([str(wikipedia_text()[1])], tok, 512, max_tokens=4096).windows
+windows = load_data([str(wikipedia_text()[1])], tok, 512, max_tokens=args.tokens).windows
 bos = windows.clone()
 bos[:, 0] = tok.bos_token_id
 
@@ -33,13 +39,19 @@ def ppl(m, w):
     return float(torch.tensor(s.nll / s.tokens).exp())
 
 
-t, tb = 15.368, 15.509
-for p in sys.argv[1:]:
-    m = load_student(Path(p)).eval()
+teacher = AutoModelForCausalLM.from_pretrained(str(smollm2_teacher_dir()), dtype=torch.float32).eval()
+t, tb = ppl(teacher, windows), ppl(teacher, bos)
+print(
+    json.dumps(
+        {"teacher": {"tokens": windows.numel(), "ppl word-first": round(t, 3), "ppl BOS-first": round(tb, 3)}}
+    )
+)
+for p in args.students:
+    m = load_student(p).eval()
     print(
         json.dumps(
             {
-                "student": p,
+                "student": str(p),
                 "ppl x word-first": round(ppl(m, windows) / t, 3),
                 "ppl x BOS-first": round(ppl(m, bos) / tb, 3),
             }
