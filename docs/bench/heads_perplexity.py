@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ssmify  # noqa: F401  (registers the student classes)
 from ssmify.assets import smollm2_teacher_dir, wikipedia_text
+from ssmify.convert.teacher import load_teacher
 from ssmify.distill.students import load_student
 from ssmify.eval.data import load_data
 from ssmify.eval.scan import scan_windows
@@ -28,7 +28,7 @@ parser.add_argument("--tokens", type=int, default=4096)
 args = parser.parse_args()
 
 torch.set_grad_enabled(False)
-tok = AutoTokenizer.from_pretrained(str(smollm2_teacher_dir()))
+teacher, tok = load_teacher(smollm2_teacher_dir(), dtype="float32")
 windows = load_data([str(wikipedia_text()[1])], tok, 512, max_tokens=args.tokens).windows
 bos = windows.clone()
 bos[:, 0] = tok.bos_token_id
@@ -39,7 +39,6 @@ def ppl(m, w):
     return float(torch.tensor(s.nll / s.tokens).exp())
 
 
-teacher = AutoModelForCausalLM.from_pretrained(str(smollm2_teacher_dir()), dtype=torch.float32).eval()
 t, tb = ppl(teacher, windows), ppl(teacher, bos)
 print(
     json.dumps(
