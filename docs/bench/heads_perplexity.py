@@ -20,6 +20,7 @@ from ssmify.assets import smollm2_teacher_dir, wikipedia_text
 from ssmify.convert.teacher import load_teacher
 from ssmify.distill.students import load_student
 from ssmify.eval.data import load_data
+from ssmify.eval.perplexity import perplexity_result
 from ssmify.eval.scan import scan_windows
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,8 +36,7 @@ bos[:, 0] = tok.bos_token_id
 
 
 def ppl(m, w):
-    s = scan_windows(m, w, None, 4, agreement=False, progress=False)
-    return float(torch.tensor(s.nll / s.tokens).exp())
+    return perplexity_result(scan_windows(m, w, None, 4, agreement=False, progress=False))["value"]
 
 
 t, tb = ppl(teacher, windows), ppl(teacher, bos)
