@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_distill_support import write_corpus, write_teacher
 from tiny_models import tiny_model
 
@@ -284,6 +285,32 @@ def test_retrieval_bench_resumes_a_killed_student_instead_of_training_it_again(w
     assert (last / "model.safetensors").is_file()
     rerun = json.loads((out / "results.json").read_text())["runs"][name]
     assert math.isfinite(rerun["perplexity"]) and rerun["attention_layers"] == first["attention_layers"]
+
+
+def test_retrieval_bench_converts_with_the_recipes_mixer(workspace: Path):
+    out = workspace / "retrieval-mixer"
+    recipe = yaml.safe_load((REPO / "recipes" / "smollm2-demo.yaml").read_text())
+    recipe["student"] = {"mixer": "gated_deltanet"}
+    (workspace / "gdn.yaml").write_text(yaml.safe_dump(recipe))
+    run_script(
+        "retrieval.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *(
+            "--heldout",
+            str(workspace / "held.txt"),
+            "--out",
+            str(out),
+            "--recipe",
+            str(workspace / "gdn.yaml"),
+        ),
+        *("--plans", "--head-plans", "3:1", "--keep-students"),
+    )
+    results = json.loads((out / "results.json").read_text())
+    (name,) = results["runs"]
+    assert results["mixer"] == "gated_deltanet"
+    configs = sorted((out / name).glob("*/config.json"))  # the converted student and every stage's
+    assert len(configs) == 1 + len(recipe["stages"])
+    assert {json.loads(c.read_text())["ssmify"]["mixer"] for c in configs} == {"gated_deltanet"}
 
 
 def test_lora_bench_compares_full_fine_tuning_with_two_ranks_from_one_start(workspace: Path):

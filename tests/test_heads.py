@@ -110,10 +110,10 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-@pytest.fixture(scope="module")
-def head_student(teacher):
+@pytest.fixture(scope="module", params=["mamba2", "gated_deltanet"])
+def head_student(teacher, request):
     plan = HeadPlan(4, 2, ((0, 1), (2, 0), (2, 1), (3, 0)))  # mixed 0 and 3, whole 2, converted 1
-    return seeded_student(teacher, plan, "mamba2", "seeded", CALIBRATION)
+    return seeded_student(teacher, plan, request.param, "seeded", CALIBRATION)
 
 
 def test_cached_generation_equals_generation_without_cache(head_student):

@@ -2,7 +2,8 @@
 
 For every plan (share of layers that keep attention), layer choice (even, sensitive, kl, retrieval,
 auto), synthetic-data fraction and seed, one student is converted from the teacher with that layer
-choice (`ssmify.convert.convert`, layer scores cached per teacher and text) and trained by the real
+choice and the recipe's `student.mixer` (default mamba2; the recipe's own plan is not used)
+(`ssmify.convert.convert`, layer scores cached per teacher and text) and trained by the real
 loop (`ssmify.distill.run_recipe`) on the demo recipe's stages at the token budgets the recipe lists,
 with `data.synthetic: {fraction: F, kinds: [induction, kv, passkey]}` when F > 0. Every student is
 scored on the same held-out slice (perplexity against the teacher's) and on the same induction and
@@ -193,6 +194,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(args.recipe.read_text())
+    mixer = (base.get("student") or {}).get("mixer", "mamba2")  # the recipe's mixer; its plan is the bench's
     teacher, tokenizer = load_teacher(teacher_dir, dtype="float32")
     teacher.eval().requires_grad_(False)
     windows = load_data([str(heldout)], tokenizer, args.eval_seq_len, max_tokens=args.eval_tokens).windows
@@ -216,6 +218,7 @@ def main() -> None:
         {
             "teacher": str(teacher_dir),
             "recipe": str(args.recipe),
+            "mixer": mixer,
             "stage_tokens": stage_tokens,
             "eval_tokens": int(windows.numel()),
             "lengths": args.lengths,
@@ -264,7 +267,13 @@ def main() -> None:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             student = convert(  # from the folder, so that the layer scores are cached
-                str(teacher_dir), out=converted, tokenizer=tokenizer, seed=seed, overwrite=True, **plan
+                str(teacher_dir),
+                out=converted,
+                tokenizer=tokenizer,
+                mixer=mixer,
+                seed=seed,
+                overwrite=True,
+                **plan,
             )
             report = student.convert_report
             del student
