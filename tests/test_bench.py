@@ -84,13 +84,17 @@ def test_decode_measures_all_three_models_and_the_ssm_state_stays_constant(works
     stdout = run_script(
         "decode.py",
         *("--teacher", str(workspace / "teacher"), "--threads", "1", "--json", str(report)),
-        *("--static-teacher", "--plan", "mixed=1:0,3:all"),
+        *("--static-teacher", "--plan", "mixed=1:0,3:all", "gdn=1:0,3:all@gated_deltanet"),
     )
     result = json.loads(report.read_text())
     points = result["points"]
-    growth = {n: points[1][n]["state_bytes"] - points[0][n]["state_bytes"] for n in ("teacher", "mixed")}
+    assert result["plans"] == {"mixed": "mamba2", "gdn": "gated_deltanet"}
+    names = ("teacher", "mixed", "gdn")
+    growth = {n: points[1][n]["state_bytes"] - points[0][n]["state_bytes"] for n in names}
     assert growth["mixed"] * 8 == growth["teacher"] * 3  # its KV cache: 3 of the teacher's 8 KV heads
+    assert growth["gdn"] == growth["mixed"]  # the same kept KV groups, whichever mixer
     assert points[1]["mixed_decode_speedup"] > 0 and "students of --plan" in stdout
+    assert points[1]["gdn_decode_speedup"] > 0
     assert [p["length"] for p in points] == [32, 64]
     for point in points:
         for name in ("teacher", "ssm", "hybrid"):

@@ -27,9 +27,11 @@ baseline on CPU; the pure SSM's speedup over it is printed too.
     python scripts/bench/decode.py --batches 1 16 --lengths 512 2048 4096 8192   # decode steps by batch
 
 --plan NAME=HEADS adds a student converted with `--attention-heads HEADS` (LAYER:GROUP,..., LAYER:all for
-a whole layer), measured beside the others, with its decode speedup and state over the teacher's:
+a whole layer), measured beside the others, with its decode speedup and state over the teacher's;
+NAME=HEADS@MIXER converts it with that mixer (default mamba2):
 
     python scripts/bench/decode.py --lengths 8192 --plan heads9=18:2,17:1,23:0 layers3=16:all,17:all,18:all
+    python scripts/bench/decode.py --lengths 8192 --plan m=18:2,17:1 gdn=18:2,17:1@gated_deltanet
 
 --batches measures the decode step itself at several batch sizes, the four models (teacher with its
 default DynamicCache, teacher with a StaticCache, pure SSM, hybrid) interleaved at each context: one
@@ -224,13 +226,17 @@ def main() -> None:
         "--plan",
         nargs="+",
         default=[],
-        metavar="NAME=HEADS",
-        help="also a student with these KV groups kept (convert --attention-heads), e.g. h2=3:0,5:all",
+        metavar="NAME=HEADS[@MIXER]",
+        help="also a student with these KV groups kept (convert --attention-heads), e.g. h2=3:0,5:all, "
+        "converted with MIXER (default mamba2), e.g. g2=3:0@gated_deltanet",
     )
     args = parser.parse_args()
     if any("=" not in item for item in args.plan):
         parser.error(f"--plan: give NAME=HEADS, e.g. h2=3:0,5:all (got {' '.join(args.plan)})")
-    plans = dict(item.split("=", 1) for item in args.plan)
+    plans = {
+        name: (heads.partition("@")[0], heads.partition("@")[2] or "mamba2")
+        for name, heads in (item.split("=", 1) for item in args.plan)
+    }
     if args.quick:
         args.lengths, args.decode_tokens = [32, 64], 4
         args.profile = args.profile and 64
@@ -249,8 +255,10 @@ def main() -> None:
         "ssm": convert(teacher, keep_attention=0.0, init="random", tokenizer=tokenizer).eval(),
         "hybrid": convert(teacher, keep_attention=0.5, init="random", tokenizer=tokenizer).eval(),
     }
-    for name, heads in plans.items():
-        models[name] = convert(teacher, attention_heads=heads, init="random", tokenizer=tokenizer).eval()
+    for name, (heads, mixer) in plans.items():
+        models[name] = convert(
+            teacher, attention_heads=heads, mixer=mixer, init="random", tokenizer=tokenizer
+        ).eval()
     if args.static_teacher or args.batches:
         static = copy.copy(teacher)  # the same weights; only its generation config differs
         static.generation_config = copy.deepcopy(teacher.generation_config)
@@ -388,6 +396,7 @@ def main() -> None:
             "max_position_embeddings": limit,
             "memory": MEMORY["cpu"],
             "seconds": seconds,
+            "plans": {name: models[name].config.ssmify["mixer"] for name in plans},
             "points": points,
         }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
