@@ -233,10 +233,11 @@ def main() -> None:
     args = parser.parse_args()
     if any("=" not in item for item in args.plan):
         parser.error(f"--plan: give NAME=HEADS, e.g. h2=3:0,5:all (got {' '.join(args.plan)})")
-    plans = {
-        name: (heads.partition("@")[0], heads.partition("@")[2] or "mamba2")
-        for name, heads in (item.split("=", 1) for item in args.plan)
-    }
+    plans = {}  # name -> (heads, mixer)
+    for item in args.plan:
+        name, spec = item.split("=", 1)
+        heads, _, mixer = spec.partition("@")
+        plans[name] = (heads, mixer or "mamba2")
     if args.quick:
         args.lengths, args.decode_tokens = [32, 64], 4
         args.profile = args.profile and 64
