@@ -187,6 +187,7 @@ def main() -> None:
     from ssmify.distill.students import load_student
     from ssmify.eval.data import load_data
     from ssmify.eval.options import EvalOptions
+    from ssmify.eval.perplexity import perplexity_result
     from ssmify.eval.scan import scan_windows
 
     teacher_dir = resolve_teacher(args)
@@ -206,7 +207,7 @@ def main() -> None:
     if "teacher_retrieval" not in results:
         start = time.perf_counter()
         sums = scan_windows(teacher, windows, None, 4, agreement=False, progress=False)
-        results["teacher_perplexity"] = float(torch.tensor(sums.nll / sums.tokens).exp())
+        results["teacher_perplexity"] = perplexity_result(sums)["value"]
         results["teacher_retrieval"] = retrieval_scores(teacher, tokenizer, options)
         print(f"teacher scored in {time.perf_counter() - start:.0f} s", flush=True)
     teacher_retrieval = {
@@ -307,7 +308,7 @@ def main() -> None:
             "layer_scores": report["layer_scores"],
             "head_scores": report.get("head_scores"),
             "training_tokens": sum(s["tokens"] for s in recipe["stages"]),
-            "perplexity": float(torch.tensor(sums.nll / sums.tokens).exp()),
+            "perplexity": perplexity_result(sums)["value"],
             "retrieval": {t: {str(n): v for n, v in a.items()} for t, a in scores.items()},
             "retention": retention(scores, teacher_retrieval),
             "seconds": round(time.perf_counter() - start, 1),
