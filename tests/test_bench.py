@@ -482,3 +482,21 @@ def test_stream_resume_bench_times_the_first_step_of_both_resumes(workspace: Pat
     assert 0 < result["first_step_uninterrupted"] < result["whole_seconds"]
     assert result["first_step_from_position"] > 0 and result["first_step_by_replay"] > 0
     assert "resumed at 90%, saved position" in stdout
+
+
+def test_activation_checkpointing_bench_runs_each_length_without_and_with(workspace: Path):
+    out = workspace / "checkpointing"
+    stdout = run_script(
+        "activation_checkpointing.py",
+        *("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt")),
+        *("--heldout", str(workspace / "held.txt"), "--attention-heads", "1:0"),
+        *("--out", str(out), "--report", str(out / "report")),
+    )
+    results = json.loads((out / "report.json").read_text())
+    runs = results["lengths"]["64"]
+    assert list(runs) == ["off", "on"]
+    for run in runs.values():
+        assert run["peak_rss_mib"] > 100 and run["train_tokens_per_s"] > 0
+    assert runs["on"]["loss_first"] == pytest.approx(runs["off"]["loss_first"], rel=1e-5)  # same first step
+    assert (out / "report.txt").read_text().strip() in stdout
+    assert not list(out.glob("64-*/1-logits"))

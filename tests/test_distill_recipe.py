@@ -63,6 +63,13 @@ def test_data_bos_takes_true_or_a_fraction_and_names_the_range_otherwise():
     assert error_of(raw) == "recipe.yaml: data.bos: Input should be less than or equal to 1 (got 1.5)"
 
 
+def test_activation_checkpointing_is_refused_on_the_matrix_stage_only():
+    assert parse_recipe(minimal(activation_checkpointing=True)).stages[0].activation_checkpointing
+    assert error_of(minimal(name="matrix", activation_checkpointing=True)).startswith(
+        "recipe.yaml: stages.0.activation_checkpointing: the matrix stage runs each mixer alone"
+    )
+
+
 def test_first_position_weight_belongs_to_the_hidden_stage_and_is_at_least_one():
     raw = minimal(name="hidden", first_position_weight=64)
     assert parse_recipe(raw).stages[0].first_position_weight == 64.0

@@ -480,3 +480,34 @@ def test_resume_refuses_a_changed_recipe_unless_forced(workspace, tmp_path, caps
     reordered = parse_recipe({**forced, "stages": [stage("logits"), stage("logits", lr=1e-4)]})
     with pytest.raises(SsmifyError, match=r"in stages\.0\.lr; pass --force"):
         check_same_recipe(reordered, out / "recipe.yaml", force=False)
+
+
+def test_activation_checkpointing_recomputes_the_blocks_and_trains_to_the_same_weights(
+    workspace, tmp_path, monkeypatch
+):
+    import transformers.modeling_utils
+
+    calls = []
+    checkpoint = transformers.modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)
+
+    def run(name: str, checkpointing: bool) -> Path:
+        stages = [
+            stage("hidden", lr=1e-3, activation_checkpointing=checkpointing),
+            stage("logits", lr=1e-3, trainable="all", activation_checkpointing=checkpointing),
+        ]
+        run_recipe(parse_recipe(recipe_dict(workspace, stages, output_dir=str(tmp_path / name))))
+        return tmp_path / name
+
+    plain = run("plain", False)
+    assert not calls
+    recomputed = run("recomputed", True)
+    assert calls  # the blocks ran through torch.utils.checkpoint
+    for folder in ("1-hidden", "2-logits"):
+        assert max_difference(weights(plain / folder), weights(recomputed / folder)) < 1e-6
+    assert max_difference(weights(workspace / "student"), weights(plain / "2-logits")) > 1e-4

@@ -189,6 +189,21 @@ def attention_lr_scales(stage: Stage, student: nn.Module) -> dict[int, float]:
     return {id(p): scale for module in kept_attention(student) for p in module.parameters()}
 
 
+def checkpoint_activations(student: nn.Module, where: str) -> None:
+    """Recompute each decoder block in the backward pass instead of keeping its activations.
+
+    Without it every block keeps tens of L x d_model activations for the backward (a chunked mixer's
+    per-chunk matrices among them), so memory grows with layers x sequence length; with it only each
+    block's input is kept, and one block at a time is run again while its gradient is taken. Non-reentrant
+    checkpointing, so frozen inputs and LoRA work as they do without it. `where` is the recipe field that
+    errors name."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise SsmifyError(
+            f"{where}: {type(student).__name__} does not support activation checkpointing; set it to false"
+        )
+    student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train_stage(ctx: StageContext, resume: bool) -> dict:
     """Run one stage to the end (or from its newest checkpoint), save its student, and return its summary."""
     recipe, stage = ctx.recipe, ctx.stage
@@ -200,6 +215,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     set_seed(recipe.seed + ctx.index)
 
     student = load_student(ctx.start_dir)
+    if stage.activation_checkpointing:
+        checkpoint_activations(student, f"stages.{ctx.index}.activation_checkpointing")
     where = f"stages.{ctx.index}.trainable"
     objective = build_objective(stage, student, where)
     trainable_parameters = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -229,13 +246,18 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     bar = tqdm(
         total=plan.steps, initial=progress["step"], desc=ctx.stage_dir.name, unit="step", disable=not main
     )
-    train_start, train_steps = time.perf_counter(), 0
+    train_seconds, train_steps, tokens_per_s = (
+        0.0,
+        0,
+        0.0,
+    )  # optimizer steps alone: no validation or checkpoint
     model.train()
     try:  # the bar is closed before an error message, so that the message is the last line
         for step in range(progress["step"], plan.steps):
             lr = stage.lr * lr_factor(stage.schedule, step, plan.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            step_start = time.perf_counter()
             loss, grad_norm = train_step(model, objective, teacher, ctx.data.train, step, plan, accelerator)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bad = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -255,7 +277,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
             progress["step"] = done
             progress["losses"].append(loss)
             train_steps += 1
-            tokens_per_s = train_steps * plan.tokens_per_step / max(time.perf_counter() - train_start, 1e-9)
+            train_seconds += time.perf_counter() - step_start
+            tokens_per_s = train_steps * plan.tokens_per_step / max(train_seconds, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             if tracking and done % stage.log_every == 0:
@@ -285,6 +308,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
         "steps": plan.steps,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(plan.steps * plan.tokens_per_step / max(seconds, 1e-9), 1),
+        # this launch's optimizer steps alone (no validation, checkpoint or save, no earlier session)
+        "train_tokens_per_s": round(tokens_per_s, 1) if train_steps else None,
         "loss_first": progress["losses"][0],
         "loss_last": progress["losses"][-1],
         "val_loss_first": progress["val_losses"][0][1],

@@ -251,6 +251,9 @@ class Stage(StrictModel):
     # hidden stage: position 0's weight in each layer's token average (1: a token like any other); see
     # ssmify.distill.objectives.hidden for why a teacher's first position may need more
     first_position_weight: float = Field(1.0, ge=1)
+    # hidden and logits stages: recompute each decoder block's activations in the backward pass instead of
+    # keeping them (transformers' activation checkpointing): less memory on long sequences, more compute
+    activation_checkpointing: bool = False
     teacher_cache: str | None = (
         None  # logits stage: read the teacher's top-K logits from `ssmify teacher-cache`
     )
@@ -403,6 +406,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             raise SsmifyError(
                 f"{where}.first_position_weight: only the hidden stage weights positions (got it on the "
                 f"{stage.name} stage)"
+            )
+        if stage.activation_checkpointing and stage.name == "matrix":
+            raise SsmifyError(
+                f"{where}.activation_checkpointing: the matrix stage runs each mixer alone, not the decoder "
+                "blocks that checkpointing recomputes; set it on a hidden or logits stage"
             )
         if stage.teacher_cache is not None and stage.loss is not None and stage.loss.kind != "forward_kl":
             raise SsmifyError(
