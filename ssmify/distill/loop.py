@@ -246,11 +246,8 @@ def train_stage(ctx: StageContext, resume: bool) -> dict:
     bar = tqdm(
         total=plan.steps, initial=progress["step"], desc=ctx.stage_dir.name, unit="step", disable=not main
     )
-    train_seconds, train_steps, tokens_per_s = (
-        0.0,
-        0,
-        0.0,
-    )  # optimizer steps alone: no validation or checkpoint
+    # tokens/s of the optimizer steps alone: validation and checkpoints are not counted
+    train_seconds, train_steps, tokens_per_s = 0.0, 0, 0.0
     model.train()
     try:  # the bar is closed before an error message, so that the message is the last line
         for step in range(progress["step"], plan.steps):
