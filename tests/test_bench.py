@@ -265,6 +265,22 @@ def test_retrieval_bench_scores_a_student_against_the_teacher_on_the_same_sample
     assert not list(out.rglob("*.safetensors"))  # student folders are removed once scored
 
 
+def test_a_bench_ends_an_input_error_in_one_line_not_a_traceback(workspace: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt"))
+    args += ("--heldout", str(workspace / "held.txt"), "--out", str(workspace / "retrieval-bad"), "--plans")
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "retrieval.py"), "--quick", *args, "--head-plans", "99:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("retrieval.py: error: ") and "99" in last
+
+
 def test_retrieval_bench_resumes_a_killed_student_instead_of_training_it_again(workspace: Path):
     out = workspace / "retrieval-resume"
     args = ("--teacher", str(workspace / "teacher"), "--train", str(workspace / "train.txt"))

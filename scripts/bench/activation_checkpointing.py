@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 from lora import run_distill
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,4 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

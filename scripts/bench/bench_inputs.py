@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,3 +49,15 @@ def resolve_text(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
             "--train and --heldout go together: give both text files, or neither for the Wikipedia split"
         )
     return (Path(args.train), Path(args.heldout)) if args.train else assets.wikipedia_text()
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a benchmark's `main`, and end an input problem (an `SsmifyError`: a full disk at a checkpoint, a
+    plan out of range) as the CLI does: one line on stderr and exit code 2, not a traceback."""
+    from ssmify.errors import SsmifyError
+
+    try:
+        main()
+    except SsmifyError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

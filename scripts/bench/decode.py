@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, run_main
 
 LABELS = {
     "teacher": "teacher (KV cache)",
@@ -404,4 +404,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

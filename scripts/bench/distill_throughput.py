@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 
 TARGET_OVERHEAD = 0.15
 # The loop's functions whose time is reported separately (module attribute -> part name).
@@ -253,4 +253,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

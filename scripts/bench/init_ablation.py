@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 
 VARIANTS = {
     "seeded+mohawk": ("seeded", ("matrix", "hidden", "logits")),
@@ -340,4 +340,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 from init_ablation import HeldOut
 from retrieval import retention, retrieval_scores
 
@@ -287,4 +287,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

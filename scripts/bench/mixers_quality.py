@@ -37,7 +37,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 from retrieval import DEMO_RECIPE, retention, retrieval_scores, save_results  # noqa: E402
 
 MIXERS = ("mamba2", "gated_deltanet")
@@ -304,4 +304,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

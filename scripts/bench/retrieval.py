@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 
 CHOICES = ("even", "sensitive", "kl", "retrieval", "auto")
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-demo.yaml"
@@ -323,4 +323,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text
+from bench_inputs import add_input_args, quiet_offline, resolve_teacher, resolve_text, run_main
 
 TARGET_SPEEDUP = 1.8
 TARGET_KL = 0.05
@@ -222,4 +222,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
